@@ -1,0 +1,47 @@
+# catdog: `make demo` and `make test` work on a fresh clone; both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data/dogs-vs-cats
+RUN ?= runs/demo
+# The torch and torchvision wheels this project is tested with (pip finds them on this machine's disk).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test browser-deps benchmarks clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	@if [ ! -d "$(DATA)/train" ] && [ ! -f "$(DATA)" ] && ! ls "$(DATA)" >/dev/null 2>&1; then \
+	  echo "No data at $(DATA)."; \
+	  echo "Get Kaggle's Dogs vs. Cats data: download train.zip (and test1.zip) from"; \
+	  echo "  https://www.kaggle.com/c/dogs-vs-cats/data  (or: kaggle competitions download -c dogs-vs-cats)"; \
+	  echo "then unpack so that $(DATA)/train/cat.0.jpg and $(DATA)/test1/1.jpg exist:"; \
+	  echo "  mkdir -p $(DATA) && unzip train.zip -d $(DATA) && unzip test1.zip -d $(DATA)"; \
+	  echo "or point DATA at any labelled image folder: make demo DATA=path/to/folder"; \
+	  exit 2; \
+	fi
+	$(BIN)/python -m catdog.demo --data "$(DATA)" --run "$(RUN)"
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium; the browser test will be skipped"; \
+	  else echo "chromium is missing and we are not root; the browser test will be skipped"; fi; }
+
+test: setup browser-deps
+	$(BIN)/python -m pytest -q
+
+benchmarks: setup
+	$(BIN)/python benchmarks/accuracy_vs_time.py
+	$(BIN)/python benchmarks/predict_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,150 @@
+"""The `catdog` command: a thin layer that turns options into the library's config dataclasses.
+
+Exit codes: 0 success; 1 the job failed (bad data, bad run directory, training error); 2 bad command-line usage;
+3 `predict` wrote predictions but some input files could not be read (listed on stderr and in the errors CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from catdog.config import add_config_arguments, config_from_arguments
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _command_train(arguments) -> int:
+    from catdog.train import TrainConfig, train
+
+    config = config_from_arguments(TrainConfig, arguments, arguments.config)
+    train(config)
+    return 0
+
+
+def _command_evaluate(arguments) -> int:
+    from catdog.evaluate import EvaluateConfig, evaluate_run
+
+    evaluate_run(config_from_arguments(EvaluateConfig, arguments, arguments.config))
+    return 0
+
+
+def _command_predict(arguments) -> int:
+    from catdog.predict import PredictConfig, run_predict
+
+    return run_predict(config_from_arguments(PredictConfig, arguments, arguments.config))
+
+
+def _command_inspect(arguments) -> int:
+    from catdog.inspect_data import InspectConfig, inspect_data
+
+    inspect_data(config_from_arguments(InspectConfig, arguments, arguments.config))
+    return 0
+
+
+def _command_audit(arguments) -> int:
+    from catdog.audit import AuditConfig, run_audit
+
+    return run_audit(config_from_arguments(AuditConfig, arguments, arguments.config))
+
+
+def _command_export(arguments) -> int:
+    from catdog.export import ExportConfig, run_export
+
+    run_export(config_from_arguments(ExportConfig, arguments, arguments.config))
+    return 0
+
+
+def _command_serve(arguments) -> int:
+    from catdog.serve.app import ServeConfig, run_server
+
+    run_server(config_from_arguments(ServeConfig, arguments, arguments.config))
+    return 0
+
+
+def _command_tune(arguments) -> int:
+    from catdog.tune import TuneConfig, run_tuning
+
+    run_tuning(config_from_arguments(TuneConfig, arguments, arguments.config))
+    return 0
+
+
+def _command_models(arguments) -> int:
+    from catdog.models import MODEL_SPECS
+
+    for name, spec in MODEL_SPECS.items():
+        print(f"{name:20s} {spec.description}")
+    return 0
+
+
+def _config_class(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...]]] = {
+    # name: (help, "module:ConfigClass", handler, positional fields)
+    "train": ("train a classifier", "catdog.train:TrainConfig", _command_train, ()),
+    "evaluate": ("metrics and plots for a trained run", "catdog.evaluate:EvaluateConfig", _command_evaluate, ()),
+    "predict": ("classify image files or folders into a CSV", "catdog.predict:PredictConfig", _command_predict, ("paths",)),
+    "export": ("export a run to ONNX or TorchScript", "catdog.export:ExportConfig", _command_export, ()),
+    "serve": ("web service and page for a run", "catdog.serve.app:ServeConfig", _command_serve, ()),
+    "tune": ("hyper-parameter search with Optuna", "catdog.tune:TuneConfig", _command_tune, ()),
+    "models": ("list the available models", None, _command_models, ()),
+}
+DATA_COMMANDS = {
+    "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.inspect_data:InspectConfig", _command_inspect, ("data",)),
+    "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.audit:AuditConfig", _command_audit, ("data",)),
+}
+
+
+def _add_commands(subparsers, commands) -> None:
+    for name, (help_text, config_path, handler, positional) in commands.items():
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        parser.set_defaults(handler=handler)
+        if config_path:
+            try:
+                config_class = _config_class(*config_path.split(":"))
+            except (ImportError, AttributeError):  # TODO remove once every command exists
+                continue
+            parser.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
+            add_config_arguments(parser, config_class, positional)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="catdog", description="Train, evaluate, export and serve image classifiers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_commands(subparsers, COMMANDS)
+    data_parser = subparsers.add_parser("data", help="look at a data set")
+    data_subparsers = data_parser.add_subparsers(dest="data_command", required=True)
+    _add_commands(data_subparsers, DATA_COMMANDS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    from catdog.checkpoint import RunError
+    from catdog.data import DataError
+    from catdog.images import ImageLoadError
+    from catdog.models import PretrainedWeightsUnavailable
+
+    try:
+        return arguments.handler(arguments)
+    except (DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, FileNotFoundError) as error:
+        print(f"catdog: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as error:
+        print(f"catdog: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("catdog: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Data sets on disk: layout detection, the stratified split, PyTorch datasets and `catdog data inspect`.
+
+Supported layouts (detected automatically, overridable with `layout=`):
+- `kaggle`: a flat folder of `<class>.<id>.<ext>` files (Kaggle's `train/cat.0.jpg`); a folder holding `train/`
+  in that form is accepted too;
+- `folders`: one sub-folder per class, searched recursively (torchvision's ImageFolder, Microsoft's
+  `PetImages/Cat`, `PetImages/Dog`); a folder whose only child is such a folder (`PetImages/`) is accepted too;
+- `csv`: a CSV manifest with columns `path,label`; relative paths are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from catdog.images import ImageLoadError, has_image_extension, load_image
+
+LAYOUTS = ("auto", "kaggle", "folders", "csv")
+_KAGGLE_NAME = re.compile(r"^([A-Za-z][A-Za-z_\-]*)\.[^.]+\.[A-Za-z]+$")
+
+
+class DataError(Exception):
+    """A data set that cannot be used as given (missing folder, no images, one class only, bad manifest)."""
+
+
+@dataclass
+class LabelledImages:
+    """Image paths with integer labels; `class_names[label]` names each label. `root` is what paths are relative to."""
+
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    layout: str
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why) for files not taken as images
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(self.labels)
+        return {name: counts.get(index, 0) for index, name in enumerate(self.class_names)}
+
+    def subset(self, indices: Sequence[int]) -> "LabelledImages":
+        return LabelledImages(
+            self.root, [self.paths[i] for i in indices], [self.labels[i] for i in indices], self.class_names, self.layout
+        )
+
+    def relative_paths(self) -> list[str]:
+        return [relative_to_root(path, self.root) for path in self.paths]
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def find_image_files(folder: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files under `folder`, sorted, with what was deliberately left out and why.
+
+    Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) are skipped; so are directories named like images,
+    files without an image extension, and symbolic links that lead outside `folder` (a folder of user data should
+    not make catdog read files elsewhere on the machine).
+    """
+    folder = Path(folder)
+    resolved_root = folder.resolve()
+    found: list[Path] = []
+    ignored: list[tuple[str, str]] = []
+    for directory, subdirectories, filenames in os.walk(folder, followlinks=False):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        if not recursive:
+            subdirectories[:] = []
+        for subdirectory in subdirectories:
+            if has_image_extension(subdirectory):
+                ignored.append((str(Path(directory) / subdirectory), "directory named like an image"))
+        for filename in sorted(filenames):
+            path = Path(directory) / filename
+            if filename.startswith("."):
+                ignored.append((str(path), "hidden file"))
+                continue
+            if not has_image_extension(filename):
+                ignored.append((str(path), "not an image file name"))
+                continue
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(resolved_root):
+                    ignored.append((str(path), "symbolic link leading outside the folder"))
+                    continue
+                if not target.is_file():
+                    ignored.append((str(path), "broken symbolic link"))
+                    continue
+            found.append(path)
+    return found, ignored
+
+
+def discover(root: str | os.PathLike, layout: str = "auto") -> LabelledImages:
+    """Find the labelled images under `root` in the given layout ("auto" detects it)."""
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    if layout == "auto":
+        layout, root = detect_layout(root)
+    if layout == "csv":
+        images = _read_csv_manifest(root)
+    elif layout == "kaggle":
+        images = _read_kaggle_folder(root)
+    else:
+        images = _read_class_folders(root)
+    if len(images.class_names) < 2:
+        raise DataError(f"{root}: found {len(images.class_names)} class(es) {images.class_names}; need at least two")
+    empty = [name for name, count in images.class_counts().items() if count == 0]
+    if empty:
+        raise DataError(f"{root}: classes without any image: {', '.join(empty)}")
+    return images
+
+
+def detect_layout(root: Path) -> tuple[str, Path]:
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return "csv", root
+        raise DataError(f"{root}: a file, but not a CSV manifest (.csv)")
+    children = sorted(p for p in root.iterdir() if not is_hidden(p))
+    files = [p for p in children if p.is_file() and has_image_extension(p.name)]
+    folders = [p for p in children if p.is_dir()]
+    if files and sum(bool(_KAGGLE_NAME.match(p.name)) for p in files) >= 0.5 * len(files):
+        return "kaggle", root
+    if not files and len(folders) == 1:
+        return detect_layout(folders[0])  # PetImages/ inside a download folder
+    if not files and any(p.name == "train" for p in folders):
+        train = root / "train"
+        train_files = [p for p in train.iterdir() if p.is_file() and has_image_extension(p.name)]
+        if train_files and any(_KAGGLE_NAME.match(p.name) for p in train_files):
+            return "kaggle", train
+        return "folders", train
+    if folders:
+        return "folders", root
+    manifests = [p for p in children if p.suffix.lower() == ".csv"]
+    if len(manifests) == 1:
+        return "csv", manifests[0]
+    raise DataError(
+        f"{root}: cannot tell the layout: expected class sub-folders, Kaggle-style names like cat.0.jpg, "
+        "or a CSV manifest (path,label)"
+    )
+
+
+def _read_kaggle_folder(root: Path) -> LabelledImages:
+    paths, ignored = find_image_files(root, recursive=False)
+    labelled: list[tuple[Path, str]] = []
+    for path in paths:
+        match = _KAGGLE_NAME.match(path.name)
+        if match:
+            labelled.append((path, match.group(1).lower()))
+        else:
+            ignored.append((str(path), "name does not follow <class>.<id>.<ext>"))
+    return _build(root, labelled, "kaggle", ignored)
+
+
+def _read_class_folders(root: Path) -> LabelledImages:
+    labelled: list[tuple[Path, str]] = []
+    ignored: list[tuple[str, str]] = []
+    class_folders = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        ignored.append((str(path), "file outside the class folders"))
+    for class_folder in class_folders:
+        paths, skipped = find_image_files(class_folder)
+        ignored.extend(skipped)
+        labelled.extend((path, class_folder.name) for path in paths)
+    return _build(root, labelled, "folders", ignored, keep_empty_classes=[p.name for p in class_folders])
+
+
+def _read_csv_manifest(manifest: Path) -> LabelledImages:
+    labelled: list[tuple[Path, str]] = []
+    with open(manifest, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        if not reader.fieldnames or not {"path", "label"} <= {name.strip() for name in reader.fieldnames}:
+            raise DataError(f"{manifest}: a manifest needs the columns path,label; found {reader.fieldnames}")
+        for line_number, row in enumerate(reader, start=2):
+            path_text, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            if not path_text or not label:
+                raise DataError(f"{manifest}, line {line_number}: empty path or label")
+            path = Path(path_text)
+            labelled.append((path if path.is_absolute() else manifest.parent / path, label))
+    return _build(manifest.parent, labelled, "csv", [])
+
+
+def _build(
+    root: Path,
+    labelled: list[tuple[Path, str]],
+    layout: str,
+    ignored: list[tuple[str, str]],
+    keep_empty_classes: Sequence[str] = (),
+) -> LabelledImages:
+    if not labelled:
+        raise DataError(f"{root}: no images found (layout {layout})")
+    class_names = sorted({label for _, label in labelled} | set(keep_empty_classes))
+    index = {name: i for i, name in enumerate(class_names)}
+    return LabelledImages(
+        root, [path for path, _ in labelled], [index[label] for _, label in labelled], class_names, layout, ignored
+    )
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices for train and validation, stratified by label and reproducible for a seed.
+
+    Every class with at least two images keeps at least one in each part, so no class silently disappears from
+    validation on small data sets.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    generator = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    train_indices: list[int] = []
+    val_indices: list[int] = []
+    for label in np.unique(labels_array):
+        members = np.flatnonzero(labels_array == label)
+        generator.shuffle(members)
+        count_val = int(round(len(members) * val_fraction))
+        if len(members) >= 2:
+            count_val = min(max(count_val, 1), len(members) - 1)
+        val_indices.extend(members[:count_val].tolist())
+        train_indices.extend(members[count_val:].tolist())
+    return sorted(train_indices), sorted(val_indices)
+
+
+class ImageFileDataset(Dataset):
+    """Images from disk through the shared loader and a transform. A bad file yields `None` instead of crashing;
+    `collate_skipping_bad_images` drops it from the batch and reports its path."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable,
+        draft_size: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        self.paths = list(paths)
+        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
+        self.transform = transform
+        self.draft_size = draft_size
+        self.loader_options = {} if max_pixels is None else {"max_pixels": max_pixels}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            image = load_image(path, draft_size=self.draft_size, **self.loader_options)
+        except ImageLoadError as error:
+            return {"index": index, "error": error}
+        return {"index": index, "image": self.transform(image), "label": self.labels[index]}
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    errors: list[ImageLoadError]
+
+
+def collate_skipping_bad_images(samples: list[dict]) -> Batch:
+    good = [sample for sample in samples if "image" in sample]
+    errors = [sample["error"] for sample in samples if "error" in sample]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), errors)
+    return Batch(
+        torch.stack([sample["image"] for sample in good]),
+        torch.tensor([sample["label"] for sample in good], dtype=torch.long),
+        torch.tensor([sample["index"] for sample in good], dtype=torch.long),
+        errors,
+    )
+
+
+def dataloader_options(device: torch.device, num_workers: int) -> dict:
+    """Workers decode in parallel with the model; pinned memory only pays off when copying to a GPU."""
+    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate_skipping_bad_images}
+    if num_workers > 0:
+        options["persistent_workers"] = False
+        options["prefetch_factor"] = 4
+    return options
+
+
+def default_num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2)))

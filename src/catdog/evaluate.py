@@ -1,0 +1,132 @@
+"""`catdog evaluate`: metrics and plots for a trained run on labelled data.
+
+When the data is the run's own training data, only its validation split (from split.json) is evaluated: scoring
+the images the model trained on would report a flattering, meaningless figure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catdog.config import option
+from catdog.data import discover
+from catdog.files import write_json_atomic, write_with_atomic
+from catdog.metrics import classification_metrics
+from catdog.predict import Predictor, load_predictor
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    data: str = option("", "labelled data; empty: the run's own validation split")
+    out: str = option("", "folder for metrics.json and the plots; empty: <run>/evaluation")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    tta: bool = option(False, "test-time augmentation: average over the image and its mirror image")
+    backend: str = option("auto", "inference backend", choices=("auto", "torch", "onnxruntime"))
+    batch_size: int = option(64, "images per inference batch")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        if not self.run:
+            raise ValueError("--run is required")
+
+
+def evaluation_images(run_dir: Path, data: str, layout: str):
+    """The labelled images to score and a note saying which they are."""
+    split_path = run_dir / "split.json"
+    split = json.loads(split_path.read_text()) if split_path.is_file() else None
+    if not data and split is None:
+        raise ValueError(f"{run_dir} has no split.json; pass --data")
+    source = data or split["data"]
+    images = discover(source, layout)
+    if split and Path(images.root).resolve() == Path(split["root"]) and split.get("val"):
+        wanted = set(split["val"])
+        chosen = [i for i, path in enumerate(images.relative_paths()) if path in wanted]
+        return images.subset(chosen), f"validation split of {source} ({len(chosen)} images held out during training)"
+    return images, f"all {len(images)} labelled images in {source}"
+
+
+def evaluate_run(config: EvaluateConfig, log=print) -> dict:
+    run_dir = Path(config.run)
+    predictor = load_predictor(config.run, backend=config.backend, device=config.device)
+    images, description = evaluation_images(run_dir, config.data, config.layout)
+    missing = set(images.class_names) - set(predictor.class_names)
+    if missing:
+        raise ValueError(f"data has classes the model does not know: {sorted(missing)}")
+    log(f"evaluating {predictor.describe()} on {description}")
+    outcome = predictor.predict_files(images.paths, batch_size=config.batch_size, tta=config.tta)
+    mapping = [predictor.class_names.index(name) for name in images.class_names]
+    labels = np.array([mapping[images.labels[i]] for i in outcome.indices])
+    metrics = classification_metrics(labels, outcome.probabilities, predictor.class_names)
+    metrics["data"] = description
+    metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
+    out_dir = Path(config.out) if config.out else run_dir / "evaluation"
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    plot_confusion_matrix(np.array(metrics["confusion_matrix"]), predictor.class_names, out_dir / "confusion_matrix.png")
+    plot_roc(labels, outcome.probabilities, predictor.class_names, out_dir / "roc.png")
+    log(format_metrics(metrics))
+    log(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_matrix.png'}, {out_dir / 'roc.png'}")
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"accuracy {metrics['accuracy']:.4f}  log loss {metrics['log_loss']:.4f}  macro F1 {metrics['macro_f1']:.4f}"
+             + (f"  ROC AUC {metrics['roc_auc']:.4f}" if "roc_auc" in metrics else "")]
+    lines.append(f"{'class':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}")
+    for name, values in metrics["per_class"].items():
+        lines.append(f"{name:>12} {values['precision']:10.4f} {values['recall']:10.4f} {values['f1']:10.4f} {values['support']:8d}")
+    lines.append("confusion matrix (rows true, columns predicted): " + json.dumps(metrics["confusion_matrix"]))
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
+    plt = _pyplot()
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axes.set_yticks(range(len(class_names)), class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        axes.text(column, row, str(value), ha="center", va="center", color="white" if value > threshold else "black")
+    axes.set_title("Confusion matrix")
+    figure.tight_layout()
+    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    plt.close(figure)
+
+
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path) -> None:
+    from sklearn.metrics import auc, roc_curve
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 5))
+    positives = [1] if len(class_names) == 2 else range(len(class_names))
+    for index in positives:
+        truth = (labels == index).astype(int)
+        if truth.min() == truth.max():
+            continue
+        false_positive, true_positive, _ = roc_curve(truth, probabilities[:, index])
+        axes.plot(false_positive, true_positive, label=f"{class_names[index]} (AUC {auc(false_positive, true_positive):.4f})")
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    axes.set_xlabel("false positive rate")
+    axes.set_ylabel("true positive rate")
+    axes.set_title("ROC")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    plt.close(figure)

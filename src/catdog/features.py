@@ -1,0 +1,211 @@
+"""Frozen-backbone features, computed once per image and cached on disk.
+
+Training a linear head on features from a frozen ImageNet backbone is the fast path on a CPU: the backbone runs
+once per image (and once per horizontal flip, as cheap augmentation), and every later run over the same photos,
+with any split or head settings, reuses the cached vectors and trains in seconds.
+
+Cache key: the image file's content hash (SHA-1), so renamed or moved files still hit and edited files miss;
+cache folder: one per (model, preprocessing, view), so a change of input size or normalisation never reuses stale
+features. Each extraction appends one shard file, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from catdog import __version__
+from catdog.data import collate_skipping_bad_images
+from catdog.files import atomic_path
+from catdog.images import ImageLoadError, load_image
+from catdog.transforms import Preprocess, eval_transform
+
+VIEWS = ("original", "flipped")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CATDOG_CACHE", Path.home() / ".cache" / "catdog"))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.sha1(stream.read()).hexdigest()
+
+
+@dataclass
+class FeatureSet:
+    """Features for a list of files. features[i, v] is the vector of file i seen in view v (original, flipped);
+    rows of files that failed to load are NaN and listed in `errors`."""
+
+    features: np.ndarray  # [files, views, dim] float32
+    errors: list[ImageLoadError]
+    seconds: float
+    computed: int  # images that went through the backbone in this call (cache misses)
+
+    def valid_mask(self) -> np.ndarray:
+        return ~np.isnan(self.features).any(axis=(1, 2))
+
+
+class FeatureCache:
+    """Vectors keyed by file digest, for one backbone + preprocessing + view."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.vectors: dict[str, np.ndarray] = {}
+        if folder.is_dir():
+            for shard in sorted(folder.glob("shard-*.safetensors")):
+                try:
+                    arrays = load_file(str(shard))
+                    keys = json.loads(arrays.pop("keys_json").tobytes().decode())
+                except Exception:  # a damaged shard only costs recomputation
+                    continue
+                for key, vector in zip(keys, arrays["features"]):
+                    self.vectors[key] = vector
+
+    def add(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        if not len(keys):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shard = self.folder / f"shard-{time.time_ns()}-{os.getpid()}.safetensors"
+        keys_bytes = np.frombuffer(json.dumps(list(keys)).encode(), dtype=np.uint8)
+        with atomic_path(shard) as temporary:
+            save_file({"features": vectors.astype(np.float16), "keys_json": keys_bytes}, str(temporary))
+        for key, vector in zip(keys, vectors):
+            self.vectors[key] = vector.astype(np.float16)
+
+
+def cache_folder(cache_dir: Path, model_name: str, preprocess: Preprocess, view: str) -> Path:
+    settings = json.dumps({"model": model_name, "preprocess": preprocess.to_dict(), "view": view}, sort_keys=True)
+    return cache_dir / "features" / f"{model_name}-{view}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
+
+
+class _ImageBytesDataset(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int):
+        self.paths, self.transform, self.draft_size = list(paths), transform, draft_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index], draft_size=self.draft_size)
+        except ImageLoadError as error:
+            return {"index": index, "error": error}
+        return {"index": index, "image": self.transform(image), "label": -1}
+
+
+class OnnxBackbone:
+    """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU."""
+
+    def __init__(self, backbone: torch.nn.Module, model_name: str, preprocess: Preprocess, cache_dir: Path):
+        import onnxruntime
+
+        path = cache_dir / "onnx" / f"{model_name}-backbone-{preprocess.input_size}-torch{torch.__version__}-{__version__}.onnx"
+        if not path.is_file():
+            from catdog.export import export_onnx_module
+
+            export_onnx_module(backbone, path, preprocess.input_size, output_name="features")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        (features,) = self.session.run(None, {"images": images.numpy()})
+        return torch.from_numpy(features)
+
+
+def make_backbone_runner(
+    backbone: torch.nn.Module, model_name: str, preprocess: Preprocess, device: torch.device, backend: str, cache_dir: Path
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function images -> features. backend: "onnxruntime", "torch" or "auto" (ONNX Runtime on CPU)."""
+    backbone = backbone.eval()
+    if backend == "auto":
+        backend = "onnxruntime" if device.type == "cpu" else "torch"
+    if backend == "onnxruntime":
+        return OnnxBackbone(backbone, model_name, preprocess, cache_dir)
+    backbone = backbone.to(device, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            return backbone(images).float().cpu()
+
+    return run
+
+
+def extract_features(
+    paths: Sequence[Path],
+    backbone: torch.nn.Module,
+    model_name: str,
+    preprocess: Preprocess,
+    views: Sequence[str] = ("original",),
+    *,
+    device: torch.device = torch.device("cpu"),
+    backend: str = "auto",
+    cache_dir: Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> FeatureSet:
+    """Features for every path in each view, from the cache where possible. Bad files become NaN rows + errors."""
+    started = time.perf_counter()
+    cache_dir = cache_dir or default_cache_dir()
+    caches = {view: FeatureCache(cache_folder(cache_dir, model_name, preprocess, view)) for view in views}
+    digests: list[str | None] = []
+    errors: list[ImageLoadError] = []
+    for path in paths:
+        try:
+            digests.append(file_digest(path))
+        except OSError as error:
+            digests.append(None)
+            errors.append(ImageLoadError(str(path), "unreadable file", str(error)))
+    missing = [i for i, digest in enumerate(digests) if digest is not None and any(digest not in caches[v].vectors for v in views)]
+    computed: dict[int, np.ndarray] = {}
+    if missing:
+        runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
+        dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_skipping_bad_images,
+            pin_memory=device.type == "cuda",
+        )
+        for batch in loader:
+            errors.extend(batch.errors)
+            if len(batch.images):
+                outputs = [runner(batch.images if view == "original" else batch.images.flip(-1)) for view in views]
+                stacked = torch.stack(outputs, dim=1).numpy()
+                for row, dataset_index in zip(stacked, batch.indices.tolist()):
+                    computed[missing[dataset_index]] = row
+            if progress:
+                progress(len(batch.images) + len(batch.errors))
+        order = sorted(computed)
+        for view_index, view in enumerate(views):
+            caches[view].add([digests[i] for i in order], np.stack([computed[i][view_index] for i in order]) if order else np.zeros((0, 1)))
+    dimension = next(iter(computed.values())).shape[-1] if computed else _cached_dimension(caches)
+    features = np.full((len(paths), len(views), dimension or 1), np.nan, dtype=np.float32)
+    for i, digest in enumerate(digests):
+        if i in computed:
+            features[i] = computed[i]
+        elif digest is not None and all(digest in caches[v].vectors for v in views):
+            features[i] = np.stack([caches[v].vectors[digest] for v in views]).astype(np.float32)
+    return FeatureSet(features, errors, time.perf_counter() - started, len(computed))
+
+
+def _cached_dimension(caches: dict[str, FeatureCache]) -> int | None:
+    for cache in caches.values():
+        for vector in cache.vectors.values():
+            return vector.shape[-1]
+    return None

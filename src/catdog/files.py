@@ -1,0 +1,59 @@
+"""Atomic file writing: a crash or SIGKILL at any moment leaves either the old file or the new one, never half."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the destination's folder; on success fsync it and move it over the destination.
+
+    The temporary file lives in the same folder so that `os.replace` is a rename on one file system (atomic).
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, destination)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_bytes_atomic(destination: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(destination) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text_atomic(destination: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(destination, text.encode("utf-8"))
+
+
+def write_json_atomic(destination: str | os.PathLike, value: Any) -> None:
+    write_text_atomic(destination, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv_atomic(destination: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    with atomic_path(destination) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+
+def write_with_atomic(destination: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(temporary_path)` and move the result into place atomically (for library writers like savefig)."""
+    with atomic_path(destination) as temporary:
+        write(temporary)

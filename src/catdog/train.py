@@ -1,0 +1,615 @@
+"""Training: `catdog train`.
+
+Two strategies share one loop (`train_one_epoch` + `evaluate`, plain functions with explicit arguments):
+- "head": the pretrained backbone stays frozen; its features are computed once per image (and its mirror image)
+  and cached (`features.py`); only the linear head trains, on the cached vectors, in seconds per run. This is the
+  default on a CPU, where fine-tuning the whole network runs at a few images per second.
+- "finetune": the whole network (or only the head with --freeze-backbone) trains on augmented images; the default
+  on CUDA, with mixed precision and channels_last.
+Either way the run directory ends up with one complete `Classifier` in `model.safetensors`, so evaluate, predict,
+export and serve never need to know how it was trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from catdog.checkpoint import (
+    LAST_CHECKPOINT_FILE,
+    RunMeta,
+    load_training_state,
+    save_model,
+    save_training_state,
+)
+from catdog.config import option
+from catdog.data import (
+    Batch,
+    DataError,
+    ImageFileDataset,
+    LabelledImages,
+    dataloader_options,
+    default_num_workers,
+    discover,
+    relative_to_root,
+    stratified_split,
+)
+from catdog.files import write_csv_atomic, write_json_atomic
+from catdog.images import ImageLoadError
+from catdog.metrics import classification_metrics
+from catdog.models import Classifier, create_model, get_model_spec
+from catdog.transforms import Augmentation, Preprocess, eval_transform, train_transform
+
+PRESETS = {
+    # name: (model, use flipped features for training and test-time augmentation)
+    "fast": {"model": "efficientnet_lite0", "flip": False},
+    "default": {"model": "efficientnet_lite0", "flip": True},
+    "accurate": {"model": "efficientnet_lite2", "flip": True},
+}
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = option("", "data set: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest")
+    out: str = option("runs/latest", "run directory to create (or to continue with --resume)")
+    preset: str = option("default", "fast: Lite0 without flips; default: Lite0 with flip features; accurate: Lite2", choices=tuple(PRESETS))
+    model: str = option("", "model name (see `catdog models`); empty: the preset's model")
+    strategy: str = option("auto", "head: train a linear head on cached frozen features; finetune: train the network; auto: head on CPU, finetune on CUDA", choices=("auto", "head", "finetune"))
+    pretrained: bool = option(True, "start from ImageNet weights (offline); --no-pretrained trains from scratch")
+    freeze_backbone: bool = option(False, "finetune only the head (feature extractor)")
+    flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
+    epochs: int = option(0, "epochs; 0: the strategy's default (head 40, finetune 10)")
+    batch_size: int = option(0, "batch size; 0: the strategy's default (head 256, finetune 32)")
+    lr: float = option(0.0, "peak learning rate; 0: the strategy's default (head 3e-3, finetune 3e-4, from scratch 1e-3)")
+    weight_decay: float = option(1e-4, "weight decay (decoupled for AdamW)")
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "adam", "sgd"))
+    scheduler: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "step", "none"))
+    warmup_epochs: float = option(1.0, "linear warmup length in epochs")
+    step_size: int = option(7, "step schedule: epochs between decays")
+    gamma: float = option(0.1, "step schedule: decay factor")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 disables")
+    early_stopping: int = option(8, "stop after this many epochs without a better validation loss; 0 disables")
+    class_balance: str = option("none", "imbalanced data: weights (class-weighted loss) or sampler (weighted sampling)", choices=("none", "weights", "sampler"))
+    val_fraction: float = option(0.2, "fraction of each class held out for validation")
+    seed: int = option(42, "random seed (split, initialisation, shuffling, augmentation)")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    image_size: int = option(0, "input size in pixels; 0: the model's default")
+    num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = option(True, "mixed precision on CUDA")
+    calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities")
+    time_budget: float = option(0.0, "stop training after this many minutes (0: no limit)")
+    cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
+    resume: bool = option(False, "continue the interrupted run in --out from its last complete epoch")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self):
+        if not self.data and not self.resume:
+            raise ValueError("--data is required")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.preset]
+        self.model = self.model or preset["model"]
+        get_model_spec(self.model)  # fails early on an unknown name, listing the valid ones
+        if self.flip is None:
+            self.flip = preset["flip"]
+        if not get_model_spec(self.model).pretrained_by_default:
+            self.pretrained = False
+        for name in ("epochs", "batch_size", "step_size", "early_stopping", "image_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.time_budget < 0:
+            raise ValueError("lr, weight_decay, grad_clip and time_budget must not be negative")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("val_fraction must be between 0 and 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return device
+
+
+def resolve_strategy(config: TrainConfig, device: torch.device) -> str:
+    if config.strategy != "auto":
+        if config.strategy == "head" and not config.pretrained:
+            raise ValueError("the head strategy needs a pretrained backbone; use --strategy finetune")
+        return config.strategy
+    return "head" if config.pretrained and device.type == "cpu" else "finetune"
+
+
+def strategy_defaults(config: TrainConfig, strategy: str) -> TrainConfig:
+    """Fill the 0 placeholders with what works for the chosen strategy."""
+    if strategy == "head":
+        defaults = {"epochs": 40, "batch_size": 256, "lr": 3e-3}
+    else:
+        defaults = {"epochs": 10, "batch_size": 32, "lr": 3e-4 if config.pretrained else 1e-3}
+    return replace(config, **{key: value for key, value in defaults.items() if not getattr(config, key)})
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+    errors: list[ImageLoadError]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_function: nn.Module,
+    device: torch.device,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> EpochResult:
+    model.train()
+    started = time.perf_counter()
+    loss_sum, correct, seen, errors = 0.0, 0, 0, []
+    for batch in batches:
+        errors.extend(batch.errors)
+        if not len(batch.labels):
+            continue  # every image in this batch failed to load; they are reported, training goes on
+        images = batch.images.to(device, non_blocking=True)
+        if images.dim() == 4 and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch.labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+            loss = loss_function(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()  # per-step schedule: warmup and cosine are smooth within an epoch
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        if progress:
+            progress(len(labels), loss_sum / seen, correct / seen)
+    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - started, errors)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, batches: Iterable[Batch], device: torch.device, amp_dtype: torch.dtype | None = None):
+    """Logits, labels and dataset indices for every loadable sample. A batch of shape [B, V, ...] holding V views
+    of each sample (original and flipped features) averages the logits over the views (test-time augmentation)."""
+    model.eval()
+    all_logits, all_labels, all_indices, errors = [], [], [], []
+    for batch in batches:
+        errors.extend(batch.errors)
+        if not len(batch.labels):
+            continue
+        images = batch.images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images).float()
+        if logits.dim() == 3:
+            logits = logits.mean(dim=1)
+        all_logits.append(logits.cpu())
+        all_labels.append(batch.labels)
+        all_indices.append(batch.indices)
+    if not all_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), errors
+    return torch.cat(all_logits), torch.cat(all_labels), torch.cat(all_indices), errors
+
+
+def evaluate(model: nn.Module, batches: Iterable[Batch], loss_function: nn.Module, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    logits, labels, _, _ = predict_logits(model, batches, device, amp_dtype)
+    if not len(labels):
+        raise DataError("no validation image could be loaded")
+    loss = loss_function(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy, logits, labels
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the validation log loss of softmax(logits / T) (Guo et al., 2017)."""
+    logits, labels = logits.detach().clone().float(), labels.clone()  # may come from inference mode
+    log_temperature = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_temperature.detach().exp())
+    return temperature if math.isfinite(temperature) and 0.05 < temperature < 20 else 1.0
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def build_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: linear warmup, then cosine to zero, step decay, or constant."""
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+    total_steps = max(1, config.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if config.scheduler == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if config.scheduler == "step":
+            return config.gamma ** ((step // steps_per_epoch) // config.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Shuffling and augmentation randomness derived from (seed, epoch) alone, so a resumed run replays exactly."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed the global generators (dropout, augmentation without workers) from (seed, epoch), so epoch N draws
+    the same numbers whether or not the run was interrupted before it."""
+    seed_everything(seed * 100_003 + epoch)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FeatureBatches:
+    """Mini-batches of cached feature vectors, shaped like image batches so the same loop trains on them."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int = 0, epoch: int = 0, weights: torch.Tensor | None = None):
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.shuffle, self.seed, self.epoch, self.weights = shuffle, seed, epoch, weights
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        generator = epoch_generator(self.seed, self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(len(self.labels), generator=generator)
+        else:
+            order = torch.arange(len(self.labels))
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            yield Batch(self.features[chosen], self.labels[chosen], chosen, [])
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    meta: RunMeta
+    history: list[dict]
+    skipped: list[ImageLoadError]
+    seconds: float
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    started = time.perf_counter()
+    run_dir = Path(config.out)
+    resume_state = None
+    if config.resume:
+        config, resume_state = _load_resume(run_dir, config)
+    device = resolve_device(config.device)
+    strategy = resolve_strategy(config, device)
+    config = strategy_defaults(config, strategy)
+    seed_everything(config.seed)
+    if not config.resume and (run_dir / LAST_CHECKPOINT_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
+
+    images = discover(config.data, config.layout)
+    train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
+    train_images, val_images = images.subset(train_indices), images.subset(val_indices)
+    write_json_atomic(run_dir / "split.json", {
+        "data": str(Path(config.data).resolve()), "root": str(images.root.resolve()), "layout": images.layout,
+        "seed": config.seed, "val_fraction": config.val_fraction, "class_names": images.class_names,
+        "train": train_images.relative_paths(), "val": val_images.relative_paths(),
+    })
+    log(f"data: {len(images)} images in {images.layout} layout, classes {images.class_counts()}; "
+        f"train {len(train_images)}, val {len(val_images)}; strategy {strategy} on {device}")
+    if images.ignored:
+        log(f"data: {len(images.ignored)} files not taken as images (e.g. {images.ignored[0][0]}: {images.ignored[0][1]})")
+
+    spec = get_model_spec(config.model)
+    preprocess = spec.preprocess if not config.image_size else replace(spec.preprocess, input_size=config.image_size)
+    model = create_model(config.model, len(images.class_names), pretrained=config.pretrained,
+                         freeze_backbone=config.freeze_backbone or strategy == "head")
+    if strategy == "head":
+        outcome = _train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, log)
+    else:
+        outcome = _finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, log)
+    history, skipped, val_logits, val_labels = outcome
+
+    temperature = fit_temperature(val_logits, val_labels) if config.calibrate else 1.0
+    probabilities = torch.softmax(val_logits / temperature, dim=1).numpy()
+    metrics = classification_metrics(val_labels.numpy(), probabilities, images.class_names)
+    meta = RunMeta(config.model, images.class_names, preprocess, temperature, strategy,
+                   {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics})
+    save_model(run_dir, model, meta)
+    if skipped:
+        write_csv_atomic(run_dir / "skipped_files.csv", ["path", "reason", "detail"],
+                         sorted({(e.path, e.reason, e.detail) for e in skipped}))
+        log(f"skipped {len({e.path for e in skipped})} unreadable files (listed in {run_dir / 'skipped_files.csv'})")
+    seconds = time.perf_counter() - started
+    log(f"validation accuracy {metrics['accuracy']:.4f}, log loss {metrics['log_loss']:.4f} "
+        f"(temperature {temperature:.3f}); {seconds:.1f} s; run saved in {run_dir}")
+    return TrainResult(run_dir, meta, history, skipped, seconds)
+
+
+def _load_resume(run_dir: Path, config: TrainConfig) -> tuple[TrainConfig, dict]:
+    checkpoint = run_dir / LAST_CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise ValueError(f"{run_dir}: nothing to resume (no {LAST_CHECKPOINT_FILE})")
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.pop("resolved_strategy", None)
+    saved.pop("device", None)
+    saved_config = TrainConfig(**{**saved, "resume": True, "out": str(run_dir), "progress": config.progress})
+    return saved_config, load_training_state(checkpoint)
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    write_csv_atomic(run_dir / "history.csv", HISTORY_COLUMNS, [[row[c] for c in HISTORY_COLUMNS] for row in history])
+
+
+class _Tracker:
+    """Best-epoch keeping, early stopping, the time budget, history.csv and TensorBoard, in one place."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.config, self.run_dir = config, run_dir
+        self.history: list[dict] = list(resume_state["history"]) if resume_state else []
+        self.best_loss = resume_state["best_loss"] if resume_state else float("inf")
+        self.stale_epochs = resume_state["stale_epochs"] if resume_state else 0
+        self.start_epoch = resume_state["epoch"] + 1 if resume_state else 0
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.start_epoch)
+        self.started = time.perf_counter()
+
+    def record(self, epoch: int, result: EpochResult, val_loss: float, val_accuracy: float, learning_rate: float) -> bool:
+        """Log the epoch; return True when it is the best so far."""
+        row = {
+            "epoch": epoch + 1, "train_loss": round(result.loss, 6), "train_accuracy": round(result.accuracy, 6),
+            "val_loss": round(val_loss, 6), "val_accuracy": round(val_accuracy, 6),
+            "learning_rate": learning_rate, "seconds": round(result.seconds, 3),
+            "images_per_second": round(result.images / max(result.seconds, 1e-9), 1),
+        }
+        self.history.append(row)
+        _write_history(self.run_dir, self.history)
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
+            self.writer.add_scalar(key, row[key], epoch + 1)
+        self.writer.flush()
+        improved = val_loss < self.best_loss - 1e-6
+        if improved:
+            self.best_loss, self.stale_epochs = val_loss, 0
+        else:
+            self.stale_epochs += 1
+        return improved
+
+    def should_stop(self, epoch_seconds: float) -> str | None:
+        if self.config.early_stopping and self.stale_epochs >= self.config.early_stopping:
+            return f"early stopping: no better validation loss for {self.stale_epochs} epochs"
+        budget = self.config.time_budget * 60
+        if budget and time.perf_counter() - self.started + epoch_seconds > budget:
+            return f"time budget of {self.config.time_budget} min reached"
+        return None
+
+    def state(self, epoch: int) -> dict:
+        return {"epoch": epoch, "history": self.history, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": repr(random.getstate())}
+
+
+def _progress_bar(enabled: bool, total: int, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
+                val_images: LabelledImages, device, run_dir: Path, resume_state, log):
+    from catdog.features import default_cache_dir, extract_features
+
+    views = ("original", "flipped") if config.flip else ("original",)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
+    extracted = {}
+    for name, part in (("train", train_images), ("val", val_images)):
+        with _progress_bar(config.progress, len(part), f"features {name}") as bar:
+            extracted[name] = extract_features(part.paths, model.backbone, config.model, preprocess, views,
+                                               device=device, cache_dir=cache_dir, num_workers=workers,
+                                               progress=bar.update)
+        feature_set = extracted[name]
+        log(f"features {name}: {len(part)} images x {len(views)} views in {feature_set.seconds:.1f} s "
+            f"({feature_set.computed} computed, {len(part) - feature_set.computed - len(feature_set.errors)} from cache)")
+    skipped = extracted["train"].errors + extracted["val"].errors
+
+    def usable(name: str, part: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = extracted[name].valid_mask()
+        labels = torch.tensor(part.labels)[torch.from_numpy(mask)]
+        lost = set(range(len(part.class_names))) - set(labels.tolist())
+        if lost:
+            raise DataError(f"every {name} image of class(es) {[part.class_names[i] for i in lost]} failed to load")
+        return torch.from_numpy(extracted[name].features[mask]), labels
+
+    train_features, train_labels = usable("train", train_images)
+    val_features, val_labels = usable("val", val_images)
+    # Each view of a training image is one training sample; validation averages the views' logits.
+    train_samples = train_features.reshape(-1, train_features.shape[-1])
+    train_sample_labels = train_labels.repeat_interleave(len(views))
+    head = model.head
+    loss_function = _loss_function(config, train_labels.tolist(), len(train_images.class_names))
+    optimizer = build_optimizer(head.parameters(), config)
+    steps_per_epoch = math.ceil(len(train_sample_labels) / config.batch_size)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    tracker = _Tracker(config, run_dir, resume_state)
+    best_head = {k: v.clone() for k, v in head.state_dict().items()}
+    if resume_state:
+        head.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        best_head = resume_state["best_model"]
+    sample_weights = _sample_weights(config, train_sample_labels, len(train_images.class_names))
+    val_batches = FeatureBatches(val_features, val_labels, 1024, shuffle=False)
+    plain_loss = nn.CrossEntropyLoss()
+    for epoch in range(tracker.start_epoch, config.epochs):
+        seed_epoch(config.seed, epoch)
+        batches = FeatureBatches(train_samples, train_sample_labels, config.batch_size, True, config.seed, epoch, sample_weights)
+        result = train_one_epoch(head, batches, optimizer, scheduler, loss_function, torch.device("cpu"), config.grad_clip)
+        val_loss, val_accuracy, _, _ = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
+        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
+            best_head = {k: v.clone() for k, v in head.state_dict().items()}
+        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
+            **tracker.state(epoch), "model": head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "best_model": best_head, "rng": _rng_state()})
+        reason = tracker.should_stop(result.seconds)
+        if reason:
+            log(reason)
+            break
+    if tracker.history:
+        best = min(tracker.history, key=lambda row: row["val_loss"])
+        log(f"head: {len(tracker.history)} epochs, best epoch {best['epoch']} val loss {best['val_loss']:.4f} "
+            f"accuracy {best['val_accuracy']:.4f}")
+    head.load_state_dict(best_head)
+    tracker.writer.close()
+    _, _, val_logits, val_label_tensor = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
+    return tracker.history, skipped, val_logits, val_label_tensor
+
+
+def _loss_function(config: TrainConfig, labels: list[int], num_classes: int) -> nn.Module:
+    weight = class_weights(labels, num_classes) if config.class_balance == "weights" else None
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
+def _sample_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    if config.class_balance != "sampler":
+        return None
+    return class_weights(labels.tolist(), num_classes)[labels].double()
+
+
+def _finetune(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
+              val_images: LabelledImages, device, run_dir: Path, resume_state, log):
+    workers = default_num_workers() if config.num_workers < 0 else config.num_workers
+    train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, Augmentation()), preprocess.resize_size)
+    val_dataset = ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    amp_dtype = None
+    scaler = None
+    if device.type == "cuda" and config.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    loss_function = _loss_function(config, train_images.labels, len(train_images.class_names)).to(device)
+    optimizer = build_optimizer(model.parameters(), config)
+    steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    tracker = _Tracker(config, run_dir, resume_state)
+    if resume_state:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+    options = dataloader_options(device, workers)
+    sample_weights = _sample_weights(config, torch.tensor(train_images.labels), len(train_images.class_names))
+    val_loader = DataLoader(val_dataset, batch_size=config.batch_size * 2, shuffle=False, **options)
+    plain_loss = nn.CrossEntropyLoss()
+    skipped: dict[str, ImageLoadError] = {}
+    for epoch in range(tracker.start_epoch, config.epochs):
+        seed_epoch(config.seed, epoch)
+        generator = epoch_generator(config.seed, epoch)
+        sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
+                   if sample_weights is not None else None)
+        train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=sampler is None,
+                                  sampler=sampler, generator=generator, drop_last=len(train_dataset) > config.batch_size,
+                                  **options)
+        with _progress_bar(config.progress, len(train_dataset), f"epoch {epoch + 1}/{config.epochs}") as bar:
+            def show(count, loss, accuracy):
+                bar.update(count)
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}",
+                                img_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+            result = train_one_epoch(model, train_loader, optimizer, scheduler, loss_function, device,
+                                     config.grad_clip, amp_dtype, scaler, show)
+        val_loss, val_accuracy, _, _ = evaluate(model, val_loader, plain_loss, device, amp_dtype)
+        skipped.update({error.path: error for error in result.errors})
+        log(f"epoch {epoch + 1}: train loss {result.loss:.4f} acc {result.accuracy:.4f}, val loss {val_loss:.4f} "
+            f"acc {val_accuracy:.4f}, {result.images / result.seconds:.1f} img/s")
+        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
+            save_model(run_dir, model, RunMeta(config.model, train_images.class_names, preprocess, 1.0, "finetune"))
+        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
+            **tracker.state(epoch), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_state()})
+        reason = tracker.should_stop(result.seconds)
+        if reason:
+            log(reason)
+            break
+    tracker.writer.close()
+    from catdog.checkpoint import load_model
+
+    best, _ = load_model(run_dir, device)
+    model.load_state_dict(best.state_dict())
+    val_logits, val_labels, _, errors = predict_logits(model, val_loader, device, amp_dtype)
+    skipped.update({error.path: error for error in errors})
+    model.cpu()
+    return tracker.history, list(skipped.values()), val_logits, val_labels

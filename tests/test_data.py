@@ -1,0 +1,110 @@
+"""Layouts, the split, and datasets that survive bad files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import colour_image, make_class_folders, make_kaggle_folder
+
+from catdog.data import DataError, ImageFileDataset, collate_skipping_bad_images, discover, stratified_split
+from catdog.transforms import Preprocess, eval_transform
+
+
+def test_kaggle_flat_layout(tmp_path):
+    root = make_kaggle_folder(tmp_path / "train", per_class=3)
+    (root / ".DS_Store").write_bytes(b"junk")
+    images = discover(root)
+    assert images.layout == "kaggle"
+    assert images.class_names == ["cat", "dog"]
+    assert images.class_counts() == {"cat": 3, "dog": 3}
+    assert all(path.name.startswith(images.class_names[label]) for path, label in zip(images.paths, images.labels))
+    assert any(why == "hidden file" for _, why in images.ignored)
+
+
+def test_kaggle_parent_folder_with_train_and_test1(tmp_path):
+    make_kaggle_folder(tmp_path / "train", per_class=2)
+    (tmp_path / "test1").mkdir()
+    colour_image(0, 1).save(tmp_path / "test1" / "1.jpg")
+    images = discover(tmp_path)
+    assert images.layout == "kaggle" and len(images) == 4 and images.root == tmp_path / "train"
+
+
+def test_class_folders_and_petimages(tmp_path):
+    make_class_folders(tmp_path / "PetImages", per_class=3)
+    (tmp_path / "PetImages" / "Cat" / "nested").mkdir()
+    colour_image(0, 99).save(tmp_path / "PetImages" / "Cat" / "nested" / "deep.png")
+    (tmp_path / "PetImages" / "Dog" / "Thumbs.db").write_bytes(b"windows junk")
+    images = discover(tmp_path)  # the download folder holding PetImages/
+    assert images.layout == "folders"
+    assert images.class_counts() == {"Cat": 4, "Dog": 3}
+    assert any("Thumbs.db" in path for path, _ in images.ignored)
+
+
+def test_csv_manifest(tmp_path):
+    make_class_folders(tmp_path / "pics", per_class=2, classes=("a", "b"))
+    rows = ["path,label"] + [f"pics/a/{i}.jpg,apple" for i in range(2)] + [f"pics/b/{i}.jpg,banana" for i in range(2)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    images = discover(tmp_path / "manifest.csv")
+    assert images.layout == "csv" and images.class_names == ["apple", "banana"] and len(images) == 4
+    assert all(path.exists() for path in images.paths)
+
+
+def test_manifest_without_columns_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.csv").write_text("file,class\nx.jpg,cat\n")
+    with pytest.raises(DataError, match="path,label"):
+        discover(tmp_path / "bad.csv")
+
+
+def test_single_class_and_empty_class_are_errors(tmp_path):
+    make_kaggle_folder(tmp_path / "one", per_class=2, classes=("cat",))
+    with pytest.raises(DataError, match="need at least two"):
+        discover(tmp_path / "one")
+    make_class_folders(tmp_path / "two", per_class=2, classes=("cat", "dog"))
+    (tmp_path / "two" / "bird").mkdir()
+    with pytest.raises(DataError, match="bird"):
+        discover(tmp_path / "two")
+
+
+def test_symlink_outside_the_folder_is_not_followed(tmp_path):
+    outside = tmp_path / "secret.jpg"
+    colour_image(0, 5).save(outside)
+    root = make_class_folders(tmp_path / "data", per_class=2)
+    os.symlink(outside, root / "Cat" / "link.jpg")
+    images = discover(root)
+    assert all(path.name != "link.jpg" for path in images.paths)
+    assert any("outside" in why for _, why in images.ignored)
+
+
+def test_split_is_stratified_disjoint_and_reproducible():
+    labels = [0] * 70 + [1] * 30
+    train_a, val_a = stratified_split(labels, 0.2, seed=1)
+    train_b, val_b = stratified_split(labels, 0.2, seed=1)
+    _, val_c = stratified_split(labels, 0.2, seed=2)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert val_a != val_c
+    assert not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 100
+    assert sum(labels[i] == 0 for i in val_a) == 14 and sum(labels[i] == 1 for i in val_a) == 6
+
+
+def test_split_keeps_every_class_in_both_parts():
+    labels = [0] * 50 + [1] * 2 + [2] * 3
+    train, val = stratified_split(labels, 0.1, seed=0)
+    assert {labels[i] for i in val} == {0, 1, 2} and {labels[i] for i in train} == {0, 1, 2}
+
+
+def test_dataset_skips_bad_files_without_crashing(tmp_path):
+    good = tmp_path / "good.jpg"
+    colour_image(1, 1).save(good)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    html = tmp_path / "page.jpg"
+    html.write_text("<html></html>")
+    dataset = ImageFileDataset([good, empty, html], [1, 0, 0], eval_transform(Preprocess(32)))
+    batch = collate_skipping_bad_images([dataset[i] for i in range(3)])
+    assert batch.images.shape == (1, 3, 32, 32)
+    assert batch.labels.tolist() == [1] and batch.indices.tolist() == [0]
+    assert {e.path for e in batch.errors} == {str(empty), str(html)}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate_skipping_bad_images)
+    assert sum(len(b.labels) for b in loader) == 1

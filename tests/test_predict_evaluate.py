@@ -1,0 +1,119 @@
+"""predict's CSV, submission and error handling; evaluate's metrics on cases with known answers; the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import colour_image, make_kaggle_folder
+
+from catdog.cli import main
+from catdog.metrics import classification_metrics
+from catdog.predict import EXIT_SOME_FILES_FAILED, kaggle_id
+from catdog.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    data = make_kaggle_folder(root / "train", per_class=14)
+    config = TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
+                         batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0)
+    train(config, log=lambda _: None)
+    return root / "run", data
+
+
+def read_csv(path):
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_predict_folder_csv_submission_and_errors(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    folder = tmp_path / "test1"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(1, 4):
+        colour_image(1, 500 + i).save(folder / f"{i}.jpg")
+    colour_image(0, 600).save(folder / "sub" / "4.jpg")
+    (folder / "5.jpg").write_text("<html>not an image</html>")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    output = tmp_path / "preds.csv"
+    code = main(["predict", str(folder), "--run", str(run), "--output", str(output), "--submission",
+                 str(tmp_path / "sub.csv"), "--no-progress", "--backend", "torch"])
+    assert code == EXIT_SOME_FILES_FAILED
+    rows = read_csv(output)
+    assert len(rows) == 4 and list(rows[0]) == ["path", "label", "confidence", "prob_cat", "prob_dog"]
+    by_name = {row["path"].split("/")[-1]: row for row in rows}
+    assert by_name["4.jpg"]["label"] == "cat" and by_name["1.jpg"]["label"] == "dog"
+    for row in rows:
+        assert float(row["prob_cat"]) + float(row["prob_dog"]) == pytest.approx(1.0, abs=1e-5)
+        assert float(row["confidence"]) == max(float(row["prob_cat"]), float(row["prob_dog"]))
+    submission = read_csv(tmp_path / "sub.csv")
+    assert [row["id"] for row in submission] == ["1", "2", "3", "4"]
+    assert all(0.005 <= float(row["label"]) <= 0.995 for row in submission)
+    assert float(submission[0]["label"]) == pytest.approx(float(by_name["1.jpg"]["prob_dog"]), abs=1e-6) or float(submission[0]["label"]) == 0.995
+    errors = read_csv(tmp_path / "preds.errors.csv")
+    assert [e["path"].split("/")[-1] for e in errors] == ["5.jpg"]
+    assert "5.jpg" in capsys.readouterr().err
+
+
+def test_onnxruntime_and_torch_backends_agree(trained_run, tmp_path):
+    run, data = trained_run
+    outputs = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.csv"
+        assert main(["predict", str(data), "--run", str(run), "--output", str(out), "--no-progress", "--backend", backend]) == 0
+        outputs[backend] = {r["path"]: float(r["prob_dog"]) for r in read_csv(out)}
+    assert outputs["torch"].keys() == outputs["onnxruntime"].keys()
+    assert max(abs(outputs["torch"][k] - outputs["onnxruntime"][k]) for k in outputs["torch"]) < 1e-4
+
+
+def test_evaluate_writes_metrics_and_plots_for_the_validation_split(trained_run, tmp_path):
+    run, _ = trained_run
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "ev"), "--backend", "torch"]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    assert metrics["count"] == len(split["val"])
+    assert {"accuracy", "log_loss", "roc_auc", "per_class", "confusion_matrix"} <= set(metrics)
+    for name in ("confusion_matrix.png", "roc.png"):
+        assert (tmp_path / "ev" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_on_a_case_with_known_answers():
+    labels = np.array([0, 0, 0, 1, 1])
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.1, 0.9]])
+    metrics = classification_metrics(labels, probabilities, ["cat", "dog"])
+    assert metrics["accuracy"] == pytest.approx(0.8)
+    assert metrics["confusion_matrix"] == [[2, 1], [0, 2]]
+    assert metrics["per_class"]["cat"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert metrics["per_class"]["dog"]["precision"] == pytest.approx(2 / 3)
+    assert metrics["roc_auc"] == pytest.approx(5 / 6)  # 5 of the 6 (dog, cat) pairs rank the dog higher
+    expected_log_loss = -np.mean(np.log([0.9, 0.8, 0.3, 0.6, 0.9]))
+    assert metrics["log_loss"] == pytest.approx(expected_log_loss)
+
+
+def test_kaggle_ids_from_file_names(tmp_path):
+    assert kaggle_id(tmp_path / "123.jpg") == "123" and kaggle_id(tmp_path / "img_0042.png") == "0042"
+
+
+def test_cli_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 1
+    assert "missing" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path), "--model", "nope"]) == 2
+    assert "valid models" in capsys.readouterr().err
+    (tmp_path / "weights.pth").write_bytes(b"pickle")
+    assert main(["predict", str(tmp_path), "--run", str(tmp_path / "weights.pth")]) == 1
+    assert "pickled" in capsys.readouterr().err
+
+
+def test_data_inspect_reports_counts_and_writes_a_grid(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=5)
+    (data / "dog.77.jpg").write_bytes(b"")
+    assert main(["data", "inspect", str(data), "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["classes"] == {"cat": 5, "dog": 6}
+    assert report["unreadable"] == [{"path": str(data / "dog.77.jpg"), "problem": "empty file"}]
+    assert report["size"]["width"]["max"] == 64
+    assert (tmp_path / "report" / "sample_grid.png").stat().st_size > 1000

@@ -1,0 +1,121 @@
+"""Training on tiny generated images: both strategies, the run directory contract, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import make_kaggle_folder
+
+from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
+from catdog.train import TrainConfig, build_scheduler, fit_temperature, train
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def small_config(data, out, **overrides) -> TrainConfig:
+    values = dict(data=str(data), out=str(out), model="simple_cnn", strategy="finetune", epochs=2, batch_size=8,
+                  lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0, seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_two_epoch_finetune_writes_the_whole_run_directory(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=16)
+    (data / "cat.999.jpg").write_bytes(b"")  # one bad file must not stop training
+    result = train(small_config(data, tmp_path / "run"), log=quiet)
+    run = tmp_path / "run"
+    for name in ("model.safetensors", "meta.json", "config.json", "history.csv", "split.json", LAST_CHECKPOINT_FILE):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["class_names"] == ["cat", "dog"] and meta["preprocess"]["input_size"] == 32
+    assert meta["model_name"] == "simple_cnn" and meta["temperature"] > 0
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert set(history[0]) >= {"train_loss", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"}
+    split = json.loads((run / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"]) and len(split["train"]) + len(split["val"]) == 33
+    assert [e.path for e in result.skipped] == [str(data / "cat.999.jpg")]
+    model, loaded_meta = load_model(run)
+    assert loaded_meta.class_names == ["cat", "dog"]
+    assert result.meta.metrics["accuracy"] >= 0.75  # colour is easy: two epochs are enough
+
+
+def test_head_strategy_on_cached_features(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=10)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), model="efficientnet_lite0", strategy="head",
+                         epochs=15, num_workers=0, progress=False, image_size=64)
+    first = train(config, log=quiet)
+    assert first.meta.strategy == "head" and first.meta.metrics["accuracy"] == 1.0
+    messages = []
+    train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "again")}), log=messages.append)
+    assert any("0 computed, 16 from cache" in m for m in messages), messages  # second run reuses the cache
+    model, meta = load_model(tmp_path / "run")
+    assert meta.model_name == "efficientnet_lite0"
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=12)
+    full = train(small_config(data, tmp_path / "full", epochs=3), log=quiet)
+    # Interrupt after one epoch by giving a one-epoch run, then pretend it was meant to be three.
+    partial_config = small_config(data, tmp_path / "part", epochs=3)
+    partial_config_one = small_config(data, tmp_path / "part", epochs=3, time_budget=1e-9)
+    train(partial_config_one, log=quiet)
+    state = load_training_state(tmp_path / "part" / LAST_CHECKPOINT_FILE)
+    assert state["epoch"] == 0
+    config_path = tmp_path / "part" / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["time_budget"] = 0.0
+    config_path.write_text(json.dumps(saved))
+    resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, progress=False), log=quiet)
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
+    for a, b in zip(full.history, resumed.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    del partial_config
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=6)
+    train(small_config(data, tmp_path / "run", epochs=1), log=quiet)
+    with pytest.raises(ValueError, match="--resume"):
+        train(small_config(data, tmp_path / "run", epochs=1), log=quiet)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="valid models"):
+        TrainConfig(data="x", model="nope")
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(data="x", val_fraction=1.5)
+    with pytest.raises(ValueError, match="--data"):
+        TrainConfig()
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    config = TrainConfig(data="x", epochs=4, warmup_epochs=1, scheduler="cosine")
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=10)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < rates[9] <= 1.0 and rates[10] == pytest.approx(1.0, abs=0.01) and rates[-1] < 0.01
+
+
+def test_temperature_fitting_softens_overconfident_logits():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (400,))
+    clean = torch.where(labels == 1, 1.0, -1.0) + torch.randn(400)
+    logits = torch.stack([-clean, clean], 1) * 10  # right most of the time, far too confident
+    temperature = fit_temperature(logits, labels)
+    assert temperature > 3
+    before = torch.nn.functional.cross_entropy(logits, labels)
+    after = torch.nn.functional.cross_entropy(logits / temperature, labels)
+    assert after < before
