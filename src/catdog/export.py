@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from catdog.config import option
 from catdog.files import atomic_path
 
 
@@ -46,3 +47,98 @@ def export_onnx_module(module: torch.nn.Module, path: str | os.PathLike, input_s
                 entry.key, entry.value = key, value
             onnx.save(model, str(temporary))
     return path
+
+
+# ---------------------------------------------------------------- the command
+
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
+
+
+@dataclass
+class ExportConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    format: str = option("onnx", "file format", choices=("onnx", "torchscript"))
+    out: str = option("", "output file; empty: <run>/model.onnx or <run>/model.torchscript.pt")
+    parity_images: int = option(32, "images in the PyTorch-vs-export parity check")
+
+    def __post_init__(self):
+        if not self.run:
+            raise ValueError("--run is required")
+        if self.format not in ("onnx", "torchscript"):
+            raise ValueError("--format must be onnx or torchscript")
+        if self.parity_images < 1:
+            raise ValueError("--parity-images must be at least 1")
+
+
+
+
+def parity_batch(run_dir: Path, preprocess, count: int) -> torch.Tensor:
+    """Real images from the run's validation split when they are still on disk, else seeded random pixels."""
+    from catdog.images import ImageLoadError, load_image
+    from catdog.transforms import eval_transform
+
+    transform = eval_transform(preprocess)
+    tensors = []
+    split_path = run_dir / "split.json"
+    if split_path.is_file():
+        split = json.loads(split_path.read_text())
+        for relative in split.get("val", [])[: count * 2]:
+            try:
+                tensors.append(transform(load_image(Path(split["root"]) / relative)))
+            except ImageLoadError:
+                continue
+            if len(tensors) == count:
+                break
+    if not tensors:
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand(count, 3, preprocess.input_size, preprocess.input_size, generator=generator) * 4 - 2
+    return torch.stack(tensors)
+
+
+def check_parity(reference: np.ndarray, exported: np.ndarray, what: str) -> float:
+    difference = float(np.abs(reference - exported).max())
+    if not difference <= PARITY_TOLERANCE:
+        raise ExportParityError(f"{what}: largest probability difference {difference:.2e} exceeds {PARITY_TOLERANCE:.0e}")
+    return difference
+
+
+def run_export(config: ExportConfig, log=print) -> Path:
+    from catdog.checkpoint import load_model
+
+    run_dir = Path(config.run)
+    model, meta = load_model(run_dir)
+    suffix = ".onnx" if config.format == "onnx" else ".torchscript.pt"
+    out = Path(config.out) if config.out else run_dir / f"model{suffix}"
+    metadata = {"catdog_meta": json.dumps(meta.to_dict()), "class_names": json.dumps(meta.class_names),
+                "preprocess": json.dumps(meta.preprocess.to_dict()), "temperature": str(meta.temperature)}
+    batch = parity_batch(run_dir, meta.preprocess, config.parity_images)
+    with torch.inference_mode():
+        reference = torch.softmax(model(batch) / meta.temperature, dim=1).numpy()
+    staging = out.with_name(f".{out.name}.staging")
+    try:
+        if config.format == "onnx":
+            import onnxruntime
+
+            export_onnx_module(model, staging, meta.preprocess.input_size, metadata=metadata)
+            session = onnxruntime.InferenceSession(str(staging), providers=["CPUExecutionProvider"])
+            stored = session.get_modelmeta().custom_metadata_map
+            if json.loads(stored["class_names"]) != meta.class_names:
+                raise ExportParityError("class names did not survive the export")
+            (logits,) = session.run(None, {"images": batch.numpy()})
+        else:
+            traced = torch.jit.trace(model.eval(), batch[:2])
+            torch.jit.save(traced, str(staging), _extra_files=metadata)
+            with torch.inference_mode():
+                logits = torch.jit.load(str(staging)).eval()(batch).numpy()
+        exported = torch.softmax(torch.from_numpy(logits) / meta.temperature, dim=1).numpy()
+        difference = check_parity(reference, exported, f"{config.format} export of {run_dir}")
+        staging.replace(out)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    log(f"exported {out} ({config.format}); parity on {len(batch)} images: max |dp| = {difference:.2e}")
+    return out

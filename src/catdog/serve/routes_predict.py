@@ -1,0 +1,170 @@
+"""The page and the prediction endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from catdog.images import ImageLoadError, load_image
+from catdog.serve.app import error_response
+from catdog.serve.batching import Overloaded
+
+router = APIRouter()
+MULTIPART_OVERHEAD = 64 * 1024
+STATUS_FOR_REASON = {
+    "not an image or unsupported format": 415,
+    "too many pixels": 413,
+}
+RETRY_AFTER_SECONDS = "1"
+
+
+class RequestProblem(Exception):
+    def __init__(self, status: int, error: str, detail: str = ""):
+        self.status, self.error, self.detail = status, error, detail
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(resources.files("catdog.serve").joinpath("static/index.html").read_text(encoding="utf-8"))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading it all first."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestProblem(413, "upload too large", f"{int(declared)} bytes > limit {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestProblem(413, "upload too large", f"more than {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # lets request.form() parse what was already read
+    return body
+
+
+async def uploaded_files(request: Request, field_names: tuple[str, ...], body_limit: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of each upload: multipart fields `field_names`, or the raw body for non-multipart."""
+    body = await read_body(request, body_limit)
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if not body:
+            raise RequestProblem(422, "missing file", "send multipart/form-data with a 'file' field, or the image as the body")
+        return [("<body>", body)]
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files + 10, max_part_size=body_limit)
+    except Exception as error:  # malformed multipart, too many parts
+        raise RequestProblem(422, "malformed multipart form", str(error)) from error
+    files = []
+    for name in field_names:
+        for value in form.getlist(name):
+            if isinstance(value, UploadFile):
+                files.append((value.filename or name, await value.read()))
+            else:
+                raise RequestProblem(422, "wrong form field type", f"field '{name}' must be a file, got text")
+    if not files:
+        raise RequestProblem(422, "missing file", f"no file in form field(s) {', '.join(repr(n) for n in field_names)}; "
+                                                   f"got fields {sorted(form.keys())}")
+    if len(files) > max_files:
+        raise RequestProblem(413, "too many files", f"{len(files)} > limit {max_files}")
+    return files
+
+
+def decode(service, name: str, data: bytes):
+    config = service.config
+    if len(data) > config.max_upload_bytes:
+        raise RequestProblem(413, "upload too large", f"{name}: {len(data)} bytes > limit {config.max_upload_bytes}")
+    try:
+        image = load_image(data, max_pixels=config.max_pixels, name=name, draft_size=service.predictor.preprocess.resize_size)
+    except ImageLoadError as error:
+        status = STATUS_FOR_REASON.get(error.reason, 422)
+        raise RequestProblem(status, error.reason, str(error)) from error
+    return service.predictor.transform(image)
+
+
+async def classify(service, name: str, data: bytes) -> dict:
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    tensor = await loop.run_in_executor(service.decoder, decode, service, name, data)
+    decoded = time.perf_counter()
+    try:
+        probabilities = await service.batcher.submit(tensor)
+    except Overloaded as error:
+        raise RequestProblem(503, "overloaded", str(error)) from error
+    finished = time.perf_counter()
+    predictor = service.predictor
+    best = int(probabilities.argmax())
+    return {
+        "label": predictor.class_names[best],
+        "confidence": round(float(probabilities[best]), 6),
+        "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.class_names, probabilities)},
+        "model": predictor.model_name,
+        "zero_training": predictor.is_zero_training,
+        "timing_ms": {"decode": round(1000 * (decoded - started), 2), "inference": round(1000 * (finished - decoded), 2),
+                      "total": round(1000 * (finished - started), 2)},
+    }
+
+
+def problem_response(problem: RequestProblem) -> JSONResponse:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if problem.status == 503 else None
+    return error_response(problem.status, problem.error, problem.detail, headers)
+
+
+def not_ready(service) -> JSONResponse | None:
+    if service is None or not service.ready:
+        return error_response(503, "not ready", "the model is loading or the server is shutting down", {"Retry-After": "2"})
+    return None
+
+
+UPLOAD_DOC = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+}}}
+BATCH_DOC = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["files"]}}}}}
+
+
+@router.post("/predict", openapi_extra=UPLOAD_DOC, tags=["prediction"])
+async def predict(request: Request):
+    """Classify one image: multipart field `file`, or the raw image as the request body."""
+    service = getattr(request.app.state, "service", None)
+    unavailable = not_ready(service)
+    if unavailable:
+        return unavailable
+    try:
+        ((name, data),) = await uploaded_files(request, ("file",), service.config.max_upload_bytes + MULTIPART_OVERHEAD, 1)
+        return await classify(service, name, data)
+    except RequestProblem as problem:
+        return problem_response(problem)
+    except ValueError:
+        return error_response(422, "one file expected", "use /predict/batch for several files")
+
+
+@router.post("/predict/batch", openapi_extra=BATCH_DOC, tags=["prediction"])
+async def predict_batch(request: Request):
+    """Classify several images (multipart fields `files`, or repeated `file`): one result or one error per file, in order."""
+    service = getattr(request.app.state, "service", None)
+    unavailable = not_ready(service)
+    if unavailable:
+        return unavailable
+    config = service.config
+    try:
+        files = await uploaded_files(request, ("files", "file"), config.max_batch_files * (config.max_upload_bytes + MULTIPART_OVERHEAD),
+                                     config.max_batch_files)
+    except RequestProblem as problem:
+        return problem_response(problem)
+
+    async def one(name: str, data: bytes) -> dict:
+        try:
+            return {"file": name, **(await classify(service, name, data))}
+        except RequestProblem as problem:
+            return {"file": name, "status": problem.status, "error": problem.error, "detail": problem.detail}
+
+    results = await asyncio.gather(*(one(name, data) for name, data in files))
+    return {"results": results, "count": len(results), "failed": sum("error" in r for r in results)}
