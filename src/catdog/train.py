@@ -361,6 +361,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
 
     images = discover(config.data, config.layout)
+    images, audit_skipped = _drop_files_a_current_audit_flagged(images, log)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
     train_images, val_images = images.subset(train_indices), images.subset(val_indices)
     write_json_atomic(run_dir / "split.json", {
@@ -382,6 +383,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     else:
         outcome = _finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, log)
     history, skipped, val_logits, val_labels = outcome
+    skipped = audit_skipped + skipped
 
     temperature = fit_temperature(val_logits, val_labels) if config.calibrate else 1.0
     probabilities = torch.softmax(val_logits / temperature, dim=1).numpy()
@@ -397,6 +399,23 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     log(f"validation accuracy {metrics['accuracy']:.4f}, log loss {metrics['log_loss']:.4f} "
         f"(temperature {temperature:.3f}); {seconds:.1f} s; run saved in {run_dir}")
     return TrainResult(run_dir, meta, history, skipped, seconds)
+
+
+def _drop_files_a_current_audit_flagged(images: LabelledImages, log) -> tuple[LabelledImages, list[ImageLoadError]]:
+    """Skip, up front, the files that `catdog data audit` found unusable, when its report is still current."""
+    from catdog.audit import current_audit_errors
+
+    bad = current_audit_errors(images.root, images.paths)
+    if not bad:
+        return images, []
+    keep = [i for i, path in enumerate(images.paths) if str(path) not in bad]
+    skipped = [ImageLoadError(str(path), bad[str(path)], "flagged by catdog data audit") for path in images.paths if str(path) in bad]
+    log(f"data: skipping {len(skipped)} files that the current audit flagged as unusable")
+    kept = images.subset(keep)
+    lost = set(images.class_names) - {kept.class_names[label] for label in kept.labels}
+    if lost:
+        raise DataError(f"every image of class(es) {sorted(lost)} is unusable according to the audit")
+    return kept, skipped
 
 
 def _load_resume(run_dir: Path, config: TrainConfig) -> tuple[TrainConfig, dict]:

@@ -1,0 +1,78 @@
+"""A real browser opens the page, uploads a photo and reads the answer (Debian's chromium + Python playwright)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import colour_image, make_kaggle_folder
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make test installs it with apt-get when run as root)")
+    pytest.importorskip("playwright")
+    from catdog.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("browser")
+    data = make_kaggle_folder(root / "train", per_class=12)
+    train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
+                      batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0),
+          log=lambda _: None)
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--run", str(root / "run"), "--port", str(port),
+                                "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    import urllib.request
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready: " + process.stdout.read().decode(errors="replace"))
+    photo = root / "dog-photo.jpg"
+    colour_image(1, 123, (320, 240)).save(photo)
+    yield f"http://127.0.0.1:{port}/", photo
+    process.terminate()
+    process.wait(30)
+
+
+def test_upload_a_photo_and_read_the_label(server):
+    from playwright.sync_api import sync_playwright
+
+    url, photo = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("['cat', 'dog'].includes(document.getElementById('label').textContent)", timeout=30_000)
+        label = page.text_content("#label")
+        bars = page.locator(".bar").count()
+        SCREENSHOT_DIR.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT_DIR / "serve_page.png"), full_page=True)
+        browser.close()
+    assert label == "dog" and bars == 2
+    assert (SCREENSHOT_DIR / "serve_page.png").stat().st_size > 5000
