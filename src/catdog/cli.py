@@ -106,10 +106,7 @@ def _add_commands(subparsers, commands) -> None:
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
         parser.set_defaults(handler=handler)
         if config_path:
-            try:
-                config_class = _config_class(*config_path.split(":"))
-            except (ImportError, AttributeError):  # TODO remove once every command exists
-                continue
+            config_class = _config_class(*config_path.split(":"))
             parser.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
             add_config_arguments(parser, config_class, positional)
 

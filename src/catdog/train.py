@@ -489,8 +489,20 @@ def _progress_bar(enabled: bool, total: int, description: str):
     return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-                val_images: LabelledImages, device, run_dir: Path, resume_state, log):
+@dataclass
+class HeadData:
+    """Cached features ready for head training: each view of a training image is one sample; validation keeps
+    the views together ([images, views, dim]) so evaluation averages their logits."""
+
+    train_samples: torch.Tensor
+    train_labels: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    skipped: list[ImageLoadError]
+
+
+def load_head_data(config: TrainConfig, backbone: nn.Module, preprocess: Preprocess, train_images: LabelledImages,
+                   val_images: LabelledImages, device: torch.device, log) -> HeadData:
     from catdog.features import default_cache_dir, extract_features
 
     views = ("original", "flipped") if config.flip else ("original",)
@@ -499,13 +511,12 @@ def _train_head(config, model: Classifier, preprocess: Preprocess, train_images:
     extracted = {}
     for name, part in (("train", train_images), ("val", val_images)):
         with _progress_bar(config.progress, len(part), f"features {name}") as bar:
-            extracted[name] = extract_features(part.paths, model.backbone, config.model, preprocess, views,
+            extracted[name] = extract_features(part.paths, backbone, config.model, preprocess, views,
                                                device=device, cache_dir=cache_dir, num_workers=workers,
                                                progress=bar.update)
         feature_set = extracted[name]
         log(f"features {name}: {len(part)} images x {len(views)} views in {feature_set.seconds:.1f} s "
             f"({feature_set.computed} computed, {len(part) - feature_set.computed - len(feature_set.errors)} from cache)")
-    skipped = extracted["train"].errors + extracted["val"].errors
 
     def usable(name: str, part: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
         mask = extracted[name].valid_mask()
@@ -517,11 +528,17 @@ def _train_head(config, model: Classifier, preprocess: Preprocess, train_images:
 
     train_features, train_labels = usable("train", train_images)
     val_features, val_labels = usable("val", val_images)
-    # Each view of a training image is one training sample; validation averages the views' logits.
-    train_samples = train_features.reshape(-1, train_features.shape[-1])
-    train_sample_labels = train_labels.repeat_interleave(len(views))
+    return HeadData(train_features.reshape(-1, train_features.shape[-1]), train_labels.repeat_interleave(len(views)),
+                    val_features, val_labels, extracted["train"].errors + extracted["val"].errors)
+
+
+def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
+                val_images: LabelledImages, device, run_dir: Path, resume_state, log):
+    data = load_head_data(config, model.backbone, preprocess, train_images, val_images, device, log)
+    train_samples, train_sample_labels = data.train_samples, data.train_labels
+    val_features, val_labels, skipped = data.val_features, data.val_labels, data.skipped
     head = model.head
-    loss_function = _loss_function(config, train_labels.tolist(), len(train_images.class_names))
+    loss_function = _loss_function(config, train_sample_labels.tolist(), len(train_images.class_names))
     optimizer = build_optimizer(head.parameters(), config)
     steps_per_epoch = math.ceil(len(train_sample_labels) / config.batch_size)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)

@@ -1,0 +1,178 @@
+"""Closed-loop load on 127.0.0.1: `catdog serve` vs the tutorial-style Flask app, same machine, same invocation.
+
+For 1, 4 and 16 concurrent clients, each client sends a photo, waits for the answer, and sends the next, for a
+fixed time. Prints requests/s, p50 and p99 latency, errors and the server's peak RSS, and the ratios. With
+--soak S it then holds 16 clients on catdog for S seconds and prints RSS at the start and end (memory must stay
+flat), and sends every kind of bad input to check that none gets a 5xx.
+
+    python benchmarks/serve_load.py [--seconds 15] [--soak 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CATDOG, machine_description, require_shared_data  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def multipart(payload: bytes, filename: str = "photo.jpg", field: str = "file") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(port: int, path: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server on port {port} not ready")
+
+
+def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        index = offset
+        while time.perf_counter() < stop_at:
+            body, content_type = bodies[index % len(bodies)]
+            index += 1
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            elapsed = time.perf_counter() - started
+            with lock:
+                if ok:
+                    latencies.append(elapsed)
+                else:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    values = np.array(latencies) if latencies else np.array([float("nan")])
+    return {"requests_per_second": len(latencies) / wall, "p50_ms": 1000 * float(np.percentile(values, 50)),
+            "p99_ms": 1000 * float(np.percentile(values, 99)), "errors": errors[0], "ok": len(latencies)}
+
+
+def bad_inputs_check(port: int) -> dict[str, int]:
+    from PIL import Image
+    import io
+
+    big = io.BytesIO()
+    Image.effect_noise((64, 64), 30).convert("RGB").save(big, format="JPEG")
+    cases = {
+        "html as .jpg": multipart(b"<html><body>hi</body></html>"),
+        "empty": multipart(b""),
+        "truncated": multipart(big.getvalue()[:300]),
+        "random bytes": multipart(os.urandom(4000)),
+        "11 MB": multipart(b"\xff\xd8" + b"\x00" * (11 * 1024 * 1024)),
+        "wrong field": multipart(big.getvalue(), field="image"),
+    }
+    statuses = {}
+    for name, (body, content_type) in cases.items():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        statuses[name] = connection.getresponse().status
+    return statuses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--soak", type=float, default=0.0)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    arguments = parser.parse_args()
+    data = require_shared_data()
+    bodies = [multipart(path.read_bytes()) for path in sorted((data / "test1").glob("*.jpg"))[:50]]
+    servers = {
+        "catdog serve": CATDOG + ["serve", "--port", "{port}"],
+        "tutorial Flask app": [sys.executable, str(HERE / "tutorial_flask_app.py"), "{port}"],
+    }
+    results = {}
+    soak = None
+    for name, command in servers.items():
+        port = free_port()
+        process = subprocess.Popen([part.format(port=port) for part in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(port, "/ready" if name.startswith("catdog") else "/health")
+            closed_loop(port, bodies, 4, 3)  # warm-up
+            for clients in arguments.levels:
+                results[(name, clients)] = {**closed_loop(port, bodies, clients, arguments.seconds), "peak_rss_mb": rss_mb(process.pid, "VmHWM")}
+                print(name, clients, results[(name, clients)], flush=True)
+            if name.startswith("catdog") and arguments.soak:
+                before = rss_mb(process.pid)
+                load = closed_loop(port, bodies, 16, arguments.soak)
+                soak = {"seconds": arguments.soak, "rss_start_mb": before, "rss_end_mb": rss_mb(process.pid), **load,
+                        "bad_inputs": bad_inputs_check(port), "alive": process.poll() is None}
+                print("soak", soak, flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+    print(f"\nmachine: {machine_description()}")
+    print(f"{'server':20s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'peak RSS MB':>12s}")
+    for (name, clients), r in results.items():
+        print(f"{name:20s} {clients:7d} {r['requests_per_second']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d} {r['peak_rss_mb']:12.0f}")
+    for clients in arguments.levels:
+        ours, theirs = results[("catdog serve", clients)], results[("tutorial Flask app", clients)]
+        print(f"{clients:2d} clients: throughput ratio {ours['requests_per_second'] / theirs['requests_per_second']:.1f}x, "
+              f"p99 ratio {ours['p99_ms'] / theirs['p99_ms']:.2f}")
+    if soak:
+        print(f"soak {soak['seconds']:.0f} s at 16 clients: {soak['requests_per_second']:.1f} req/s, {soak['errors']} errors, "
+              f"RSS {soak['rss_start_mb']:.0f} -> {soak['rss_end_mb']:.0f} MB; bad inputs -> {json.dumps(soak['bad_inputs'])}; "
+              f"alive: {soak['alive']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
