@@ -28,7 +28,7 @@ from catdog import __version__
 from catdog.data import collate_skipping_bad_images
 from catdog.files import atomic_path
 from catdog.images import ImageLoadError, load_image
-from catdog.transforms import Preprocess, eval_transform
+from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
 
 VIEWS = ("original", "flipped")
 
@@ -85,7 +85,8 @@ class FeatureCache:
 
 
 def cache_folder(cache_dir: Path, model_name: str, preprocess: Preprocess, view: str) -> Path:
-    settings = json.dumps({"model": model_name, "preprocess": preprocess.to_dict(), "view": view}, sort_keys=True)
+    settings = json.dumps({"model": model_name, "preprocess": preprocess.to_dict(), "view": view,
+                           "transform": EVAL_TRANSFORM_VERSION}, sort_keys=True)
     return cache_dir / "features" / f"{model_name}-{view}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
 
 
@@ -105,16 +106,17 @@ class _ImageBytesDataset(Dataset):
 
 
 class OnnxBackbone:
-    """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU."""
+    """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU.
+    The export happens once per machine (cached); later runs never build the PyTorch backbone at all."""
 
-    def __init__(self, backbone: torch.nn.Module, model_name: str, preprocess: Preprocess, cache_dir: Path):
+    def __init__(self, backbone: Callable[[], torch.nn.Module], model_name: str, preprocess: Preprocess, cache_dir: Path):
         import onnxruntime
 
         path = cache_dir / "onnx" / f"{model_name}-backbone-{preprocess.input_size}-torch{torch.__version__}-{__version__}.onnx"
         if not path.is_file():
             from catdog.export import export_onnx_module
 
-            export_onnx_module(backbone, path, preprocess.input_size, output_name="features")
+            export_onnx_module(backbone(), path, preprocess.input_size, output_name="features")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = max(1, torch.get_num_threads())
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -125,15 +127,16 @@ class OnnxBackbone:
 
 
 def make_backbone_runner(
-    backbone: torch.nn.Module, model_name: str, preprocess: Preprocess, device: torch.device, backend: str, cache_dir: Path
+    backbone: Callable[[], torch.nn.Module], model_name: str, preprocess: Preprocess, device: torch.device, backend: str,
+    cache_dir: Path,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function images -> features. backend: "onnxruntime", "torch" or "auto" (ONNX Runtime on CPU)."""
-    backbone = backbone.eval()
+    """A function images -> features. backend: "onnxruntime", "torch" or "auto" (ONNX Runtime on CPU).
+    `backbone` is a zero-argument function returning the module, called only when the module is needed."""
     if backend == "auto":
         backend = "onnxruntime" if device.type == "cpu" else "torch"
     if backend == "onnxruntime":
-        return OnnxBackbone(backbone, model_name, preprocess, cache_dir)
-    backbone = backbone.to(device, memory_format=torch.channels_last)
+        return OnnxBackbone(lambda: backbone().eval(), model_name, preprocess, cache_dir)
+    backbone = backbone().eval().to(device, memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,7 @@ def make_backbone_runner(
 
 def extract_features(
     paths: Sequence[Path],
-    backbone: torch.nn.Module,
+    backbone: Callable[[], torch.nn.Module],
     model_name: str,
     preprocess: Preprocess,
     views: Sequence[str] = ("original",),
@@ -158,7 +161,8 @@ def extract_features(
     num_workers: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> FeatureSet:
-    """Features for every path in each view, from the cache where possible. Bad files become NaN rows + errors."""
+    """Features for every path in each view, from the cache where possible. Bad files become NaN rows + errors.
+    `backbone` returns the frozen backbone module; it is only called on a cache miss."""
     started = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
     caches = {view: FeatureCache(cache_folder(cache_dir, model_name, preprocess, view)) for view in views}

@@ -20,12 +20,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from catdog.checkpoint import MODEL_FILE, RunMeta, load_model
+from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, load_model, read_meta
 from catdog.config import option
 from catdog.data import ImageFileDataset, collate_skipping_bad_images, find_image_files, relative_to_root
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, has_image_extension
-from catdog.models import ZERO_TRAINING_MODEL_NAME, create_zero_training_model
+from catdog.models import MODEL_SPECS, ZERO_TRAINING_MODEL_NAME, create_zero_training_model
+
+ZERO_TRAINING_BACKBONE = "efficientnet_lite0"
 from catdog.transforms import Preprocess, eval_transform
 
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
@@ -40,9 +42,11 @@ class PredictionOutcome:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: RunMeta, backend: str, device: torch.device,
+    """A model ready to classify: `build_model` is called at once for the PyTorch backend, and for ONNX Runtime
+    only when the model's ONNX file is not cached yet (so a warm start never imports timm or torchvision)."""
+
+    def __init__(self, build_model: Callable[[], torch.nn.Module], meta: RunMeta, backend: str, device: torch.device,
                  cache_dir: Path | None = None, onnx_key: str = ""):
-        self.model = model.eval()
         self.meta = meta
         self.class_names = list(meta.class_names)
         self.preprocess = meta.preprocess
@@ -51,10 +55,11 @@ class Predictor:
         self.transform = eval_transform(meta.preprocess)
         self.backend = backend if backend != "auto" else ("onnxruntime" if device.type == "cpu" else "torch")
         self.session = None
+        self.model = None
         if self.backend == "onnxruntime":
-            self.session = self._onnx_session(cache_dir, onnx_key)
+            self.session = self._onnx_session(build_model, cache_dir, onnx_key)
         else:
-            self.model = self.model.to(device, memory_format=torch.channels_last)
+            self.model = build_model().eval().to(device, memory_format=torch.channels_last)
 
     @property
     def model_name(self) -> str:
@@ -69,7 +74,7 @@ class Predictor:
             return "the built-in zero-training cat/dog model (ImageNet EfficientNet-Lite0, cat and dog classes summed)"
         return f"{self.meta.model_name} ({', '.join(self.class_names)}) via {self.backend}"
 
-    def _onnx_session(self, cache_dir: Path | None, key: str):
+    def _onnx_session(self, build_model: Callable[[], torch.nn.Module], cache_dir: Path | None, key: str):
         import onnxruntime
 
         from catdog.export import export_onnx_module
@@ -77,7 +82,7 @@ class Predictor:
 
         path = (cache_dir or default_cache_dir()) / "onnx" / f"predictor-{key}.onnx"
         if not path.is_file():
-            export_onnx_module(self.model.cpu(), path, self.preprocess.input_size)
+            export_onnx_module(build_model().eval().cpu(), path, self.preprocess.input_size)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = max(1, torch.get_num_threads())
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -134,12 +139,18 @@ def load_predictor(run: str | None, backend: str = "auto", device: str = "auto",
     """A run's model, or the built-in zero-training cat/dog model when `run` is empty."""
     torch_device = resolve_device(device)
     if not run:
-        model, preprocess = create_zero_training_model()
+        preprocess = MODEL_SPECS[ZERO_TRAINING_BACKBONE].preprocess
         meta = RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, "zero-training")
-        return Predictor(model, meta, backend, torch_device, cache_dir, onnx_key=f"{ZERO_TRAINING_MODEL_NAME}-torch{torch.__version__}")
-    model, meta = load_model(run)
-    digest = hashlib.sha1((Path(run) / MODEL_FILE).read_bytes()).hexdigest()[:16]
-    return Predictor(model, meta, backend, torch_device, cache_dir, onnx_key=f"{meta.model_name}-{digest}-torch{torch.__version__}")
+        return Predictor(lambda: create_zero_training_model(ZERO_TRAINING_BACKBONE)[0], meta, backend, torch_device,
+                         cache_dir, onnx_key=f"{ZERO_TRAINING_MODEL_NAME}-{ZERO_TRAINING_BACKBONE}-torch{torch.__version__}")
+    check_not_pickle(run)
+    meta = read_meta(run)
+    try:
+        digest = hashlib.sha1((Path(run) / MODEL_FILE).read_bytes()).hexdigest()[:16]
+    except OSError as error:
+        raise RunError(f"{Path(run) / MODEL_FILE}: cannot read the weights ({error})") from error
+    return Predictor(lambda: load_model(run)[0], meta, backend, torch_device, cache_dir,
+                     onnx_key=f"{meta.model_name}-{digest}-torch{torch.__version__}")
 
 
 # ---------------------------------------------------------------- the command

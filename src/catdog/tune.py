@@ -62,7 +62,9 @@ def run_tuning(config: TuneConfig, log=print) -> dict:
     images = discover(config.data)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
     spec = get_model_spec(base.model)
-    backbone = create_model(base.model, len(images.class_names), pretrained=True, freeze_backbone=True).backbone
+    def backbone() -> nn.Module:  # built only when some features are not cached yet
+        return create_model(base.model, len(images.class_names), pretrained=True, freeze_backbone=True).backbone
+
     data = load_head_data(base, backbone, spec.preprocess, images.subset(train_indices), images.subset(val_indices), device, log)
     feature_dim, classes = data.train_samples.shape[-1], len(images.class_names)
     plain_loss = nn.CrossEntropyLoss()
