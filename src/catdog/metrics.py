@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as sk
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
     """accuracy, per-class precision/recall/F1/support, macro F1, confusion matrix (rows: true, columns: predicted),
     ROC AUC (binary: of the second class; multi-class: one-vs-rest macro) and log loss."""
+    from sklearn import metrics as sk  # imported here: scikit-learn costs ~2 s at start-up, most commands never need it
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 softmax rounding
