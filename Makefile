@@ -13,13 +13,12 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 demo: setup
-	@if [ ! -d "$(DATA)/train" ] && [ ! -f "$(DATA)" ] && ! ls "$(DATA)" >/dev/null 2>&1; then \
+	@if [ ! -e "$(DATA)" ]; then \
 	  echo "No data at $(DATA)."; \
 	  echo "Get Kaggle's Dogs vs. Cats data: download train.zip (and test1.zip) from"; \
 	  echo "  https://www.kaggle.com/c/dogs-vs-cats/data  (or: kaggle competitions download -c dogs-vs-cats)"; \

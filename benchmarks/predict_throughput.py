@@ -48,12 +48,10 @@ def tutorial_predict_image_loop(folder: Path, output: Path, limit: int | None = 
     return time.perf_counter() - started, len(paths)
 
 
-def make_large_photos(source: Path, target: Path, count: int) -> Path:
+def make_resized_photos(source: Path, target: Path, count: int, size: tuple[int, int]) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.glob("*.jpg"))[:count]:
-        image = Image.open(path).convert("RGB")
-        scale = 2000 / max(image.size)
-        image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC).save(target / path.name, quality=90)
+        Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target / path.name, quality=90)
     return target
 
 
@@ -79,7 +77,8 @@ def main() -> int:
         if not arguments.skip_train:
             folders["train as unlabelled (6000, ~200 px)"] = data / "train"
         if not arguments.skip_large:
-            folders["large (200, ~2000 px)"] = make_large_photos(data / "test1", scratch / "large", 200)
+            folders["Kaggle original size (500, 500x375)"] = make_resized_photos(data / "test1", scratch / "original", 500, (500, 375))
+            folders["large (200, 2000x1500)"] = make_resized_photos(data / "test1", scratch / "large", 200, (2000, 1500))
         catdog_predict(data / "test1", scratch / "warmup.csv", "onnxruntime", cache)  # first use: exports the ONNX file
         for name, folder in folders.items():
             for backend in ("onnxruntime", "torch"):

@@ -54,7 +54,7 @@ def test_head_strategy_on_cached_features(tmp_path):
     assert first.meta.strategy == "head" and first.meta.metrics["accuracy"] == 1.0
     messages = []
     train(TrainConfig(**{**config.__dict__, "out": str(tmp_path / "again")}), log=messages.append)
-    assert any("0 computed, 16 from cache" in m for m in messages), messages  # second run reuses the cache
+    assert any("0 computed, 20 from cache" in m for m in messages), messages  # second run reuses the cache
     model, meta = load_model(tmp_path / "run")
     assert meta.model_name == "efficientnet_lite0"
 

@@ -105,6 +105,17 @@ class _ImageBytesDataset(Dataset):
         return {"index": index, "image": self.transform(image), "label": -1}
 
 
+def onnx_session_options():
+    """ONNX Runtime settings for sharing a small CPU with decoding: no busy-waiting between operators (spinning
+    threads starve the decoder; measured +8% images/s end to end on 2 cores)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, torch.get_num_threads())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxBackbone:
     """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU.
     The export happens once per machine (cached); later runs never build the PyTorch backbone at all."""
@@ -117,9 +128,7 @@ class OnnxBackbone:
             from catdog.export import export_onnx_module
 
             export_onnx_module(backbone(), path, preprocess.input_size, output_name="features")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(1, torch.get_num_threads())
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(path), onnx_session_options(), providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.session.run(None, {"images": images.numpy()})

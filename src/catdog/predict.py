@@ -78,14 +78,12 @@ class Predictor:
         import onnxruntime
 
         from catdog.export import export_onnx_module
-        from catdog.features import default_cache_dir
+        from catdog.features import default_cache_dir, onnx_session_options
 
         path = (cache_dir or default_cache_dir()) / "onnx" / f"predictor-{key}.onnx"
         if not path.is_file():
             export_onnx_module(build_model().eval().cpu(), path, self.preprocess.input_size)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(1, torch.get_num_threads())
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(str(path), onnx_session_options(), providers=["CPUExecutionProvider"])
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         if self.session is not None:

@@ -508,15 +508,16 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
     views = ("original", "flipped") if config.flip else ("original",)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
-    extracted = {}
-    for name, part in (("train", train_images), ("val", val_images)):
-        with _progress_bar(config.progress, len(part), f"features {name}") as bar:
-            extracted[name] = extract_features(part.paths, backbone, config.model, preprocess, views,
-                                               device=device, cache_dir=cache_dir, num_workers=workers,
-                                               progress=bar.update)
-        feature_set = extracted[name]
-        log(f"features {name}: {len(part)} images x {len(views)} views in {feature_set.seconds:.1f} s "
-            f"({feature_set.computed} computed, {len(part) - feature_set.computed - len(feature_set.errors)} from cache)")
+    # One pass over train and validation images together: one decoder process, one ONNX Runtime session.
+    all_paths = train_images.paths + val_images.paths
+    with _progress_bar(config.progress, len(all_paths), "features") as bar:
+        feature_set = extract_features(all_paths, backbone, config.model, preprocess, views, device=device,
+                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update)
+    log(f"features: {len(all_paths)} images x {len(views)} views in {feature_set.seconds:.1f} s "
+        f"({feature_set.computed} computed, {len(all_paths) - feature_set.computed - len(feature_set.errors)} from cache)")
+    count = len(train_images)
+    extracted = {"train": replace(feature_set, features=feature_set.features[:count]),
+                 "val": replace(feature_set, features=feature_set.features[count:])}
 
     def usable(name: str, part: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
         mask = extracted[name].valid_mask()
@@ -529,7 +530,7 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
     train_features, train_labels = usable("train", train_images)
     val_features, val_labels = usable("val", val_images)
     return HeadData(train_features.reshape(-1, train_features.shape[-1]), train_labels.repeat_interleave(len(views)),
-                    val_features, val_labels, extracted["train"].errors + extracted["val"].errors)
+                    val_features, val_labels, feature_set.errors)
 
 
 def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
