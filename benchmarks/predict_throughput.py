@@ -2,8 +2,9 @@
 
 End to end, from JPEG files on disk to the CSV, process start included for catdog (a fresh `catdog predict`
 process per measurement, after one untimed warm-up run that fills the ONNX cache as a first use would).
-Inputs: ../shared/data/dogs-vs-cats/test1 (500 photos), the 6,000 train photos as an unlabelled folder of a few
-thousand, and a folder of large photos made by upscaling 200 of them to about 2000 px.
+Inputs: ../shared/data/dogs-vs-cats/test1 (500 photos, 200x200), the 6,000 train photos as an unlabelled folder of a
+few thousand, the 500 test photos upscaled to Kaggle's typical original size (500x375), and 200 of them upscaled to
+2000x1500 (large photos).
 The model is the built-in zero-training cat/dog model (EfficientNet-Lite0, 224 px) for every contender.
 
     python benchmarks/predict_throughput.py [--skip-large] [--skip-train]
