@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_kaggle_folder
@@ -57,6 +58,14 @@ def test_head_strategy_on_cached_features(tmp_path):
     assert any("0 computed, 20 from cache" in m for m in messages), messages  # second run reuses the cache
     model, meta = load_model(tmp_path / "run")
     assert meta.model_name == "efficientnet_lite0"
+    # Validated with mirror-image averaging, so prediction averages the same way unless told otherwise.
+    assert meta.tta is True
+    from catdog.predict import load_predictor
+
+    predictor = load_predictor(str(tmp_path / "run"), backend="torch")
+    images = torch.randn(3, 3, 64, 64)
+    assert np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=True))
+    assert not np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=False))
 
 
 def test_resume_continues_to_the_same_result(tmp_path):

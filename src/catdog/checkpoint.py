@@ -46,6 +46,8 @@ class RunMeta:
     preprocess: evaluation preprocessing (input size, crop, mean, std).
     temperature: logits are divided by it before softmax (calibrated on the validation split; 1.0 = none).
     strategy: how the weights were trained ("head" on cached features or "finetune").
+    tta: whether validation (and the temperature) averaged each image with its mirror image; predict does the same
+    unless told otherwise.
     metrics: validation figures at the best epoch.
     """
 
@@ -54,6 +56,7 @@ class RunMeta:
     preprocess: Preprocess
     temperature: float = 1.0
     strategy: str = "finetune"
+    tta: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     catdog_version: str = __version__
 

@@ -25,7 +25,7 @@ class EvaluateConfig:
     data: str = option("", "labelled data; empty: the run's own validation split")
     out: str = option("", "folder for metrics.json and the plots; empty: <run>/evaluation")
     layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    tta: bool = option(False, "test-time augmentation: average over the image and its mirror image")
+    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
     backend: str = option("auto", "inference backend", choices=("auto", "torch", "onnxruntime"))
     batch_size: int = option(64, "images per inference batch")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")

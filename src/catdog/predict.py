@@ -94,17 +94,18 @@ class Predictor:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
                 return self.model(images).float().cpu()
 
-    def probabilities(self, images: torch.Tensor, tta: bool = False) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S]."""
+    def probabilities(self, images: torch.Tensor, tta: bool | None = None) -> np.ndarray:
+        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S]. `tta=None` averages the mirror
+        image in exactly when the run was validated (and its temperature fitted) that way."""
         logits = self.logits(images)
-        if tta:
+        if self.meta.tta if tta is None else tta:
             logits = (logits + self.logits(images.flip(-1))) / 2
         return torch.softmax(logits / self.temperature, dim=1).numpy()
 
-    def predict_pil(self, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
+    def predict_pil(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
         return self.probabilities(torch.stack([self.transform(image) for image in images]), tta)
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 64, tta: bool = False, num_workers: int = -1,
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 64, tta: bool | None = None, num_workers: int = -1,
                       progress: Callable[[int], None] | None = None) -> PredictionOutcome:
         started = time.perf_counter()
         if num_workers < 0:
@@ -162,7 +163,7 @@ class PredictConfig:
     submission: str = option("", "also write a Kaggle submission CSV (id,label = probability of dog)")
     errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv")
     clip: float = option(0.005, "submission: clip probabilities to [clip, 1 - clip] (bounds the log-loss penalty)")
-    tta: bool = option(False, "test-time augmentation: average over the image and its mirror image")
+    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
     backend: str = option("auto", "auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
     batch_size: int = option(64, "images per inference batch")
     num_workers: int = option(-1, "decoding worker processes; -1: automatic")

@@ -388,7 +388,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     temperature = fit_temperature(val_logits, val_labels) if config.calibrate else 1.0
     probabilities = torch.softmax(val_logits / temperature, dim=1).numpy()
     metrics = classification_metrics(val_labels.numpy(), probabilities, images.class_names)
-    meta = RunMeta(config.model, images.class_names, preprocess, temperature, strategy,
+    meta = RunMeta(config.model, images.class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
                    {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics})
     save_model(run_dir, model, meta)
     if skipped:

@@ -42,7 +42,7 @@ class ServeConfig:
     max_batch_files: int = option(32, "most files in one /predict/batch request")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (larger: 413)")
     decode_threads: int = option(2, "threads decoding uploads")
-    tta: bool = option(False, "test-time augmentation (image and mirror image)")
+    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
