@@ -160,7 +160,7 @@ def test_train_reuses_a_current_audit(tmp_path):
 
 def train_command(data: Path, out: Path, epochs: int, resume: bool = False) -> list[str]:
     if resume:
-        return [sys.executable, "-m", "catdog.cli", "train", "--out", str(out), "--resume", "--no-progress"]
+        return [sys.executable, "-m", "catdog.cli", "train", "--resume", str(out), "--no-progress"]
     return [sys.executable, "-m", "catdog.cli", "train", "--data", str(data), "--out", str(out), "--model", "simple_cnn",
             "--strategy", "finetune", "--epochs", str(epochs), "--batch-size", "8", "--image-size", "48",
             "--num-workers", "0", "--early-stopping", "0", "--no-progress", "--seed", "5"]

@@ -81,7 +81,7 @@ def test_resume_continues_to_the_same_result(tmp_path):
     saved = json.loads(config_path.read_text())
     saved["time_budget"] = 0.0
     config_path.write_text(json.dumps(saved))
-    resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, progress=False), log=quiet)
+    resumed = train(TrainConfig(resume=str(tmp_path / "part"), progress=False), log=quiet)
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3]
     for a, b in zip(full.history, resumed.history):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)

@@ -65,7 +65,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_acc
 @dataclass
 class TrainConfig:
     data: str = option("", "data set: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest")
-    out: str = option("runs/latest", "run directory to create (or to continue with --resume)")
+    out: str = option("runs/latest", "run directory to create")
     preset: str = option("default", "fast: EfficientNet-Lite0 features; default: Lite2 features with mirror images (slower, more accurate)", choices=tuple(PRESETS))
     model: str = option("", "model name (see `catdog models`); empty: the preset's model")
     strategy: str = option("auto", "head: train a linear head on cached frozen features; finetune: train the network; auto: head on CPU, finetune on CUDA", choices=("auto", "head", "finetune"))
@@ -95,7 +95,7 @@ class TrainConfig:
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities")
     time_budget: float = option(0.0, "stop training after this many minutes (0: no limit)")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    resume: bool = option(False, "continue the interrupted run in --out from its last complete epoch")
+    resume: str = option("", "run directory of an interrupted run to continue from its last complete epoch")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
@@ -347,7 +347,7 @@ class TrainResult:
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     started = time.perf_counter()
-    run_dir = Path(config.out)
+    run_dir = Path(config.resume or config.out)
     resume_state = None
     if config.resume:
         config, resume_state = _load_resume(run_dir, config)
@@ -356,7 +356,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     config = strategy_defaults(config, strategy)
     seed_everything(config.seed)
     if not config.resume and (run_dir / LAST_CHECKPOINT_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
 
@@ -425,7 +425,7 @@ def _load_resume(run_dir: Path, config: TrainConfig) -> tuple[TrainConfig, dict]
     saved = json.loads((run_dir / "config.json").read_text())
     saved.pop("resolved_strategy", None)
     saved.pop("device", None)
-    saved_config = TrainConfig(**{**saved, "resume": True, "out": str(run_dir), "progress": config.progress})
+    saved_config = TrainConfig(**{**saved, "resume": str(run_dir), "out": str(run_dir), "progress": config.progress})
     return saved_config, load_training_state(checkpoint)
 
 
