@@ -50,7 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, po
             parser.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind if kind in (int, float) else str, choices=choices,
-                                default=None, help=help_text + _default_text(field))
+                                metavar=field.metadata.get("metavar"), default=None, help=help_text + _default_text(field))
 
 
 def _default_text(field: dataclasses.Field) -> str:

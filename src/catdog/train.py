@@ -95,7 +95,7 @@ class TrainConfig:
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities")
     time_budget: float = option(0.0, "stop training after this many minutes (0: no limit)")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    resume: str = option("", "run directory of an interrupted run to continue from its last complete epoch")
+    resume: str = option("", "run directory of an interrupted run to continue from its last complete epoch", metavar="RUN")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
