@@ -10,6 +10,7 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 
 from catdog.cli import main
+from catdog.evaluate import most_confident_mistakes
 from catdog.metrics import classification_metrics
 from catdog.predict import EXIT_SOME_FILES_FAILED, kaggle_id
 from catdog.train import TrainConfig, train
@@ -77,8 +78,23 @@ def test_evaluate_writes_metrics_and_plots_for_the_validation_split(trained_run,
     split = json.loads((run / "split.json").read_text())
     assert metrics["count"] == len(split["val"])
     assert {"accuracy", "log_loss", "roc_auc", "per_class", "confusion_matrix"} <= set(metrics)
-    for name in ("confusion_matrix.png", "roc.png"):
+    for name in ("confusion_matrix.png", "roc.png", "mistakes.png"):
         assert (tmp_path / "ev" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_csv(tmp_path / "ev" / "predictions.csv")
+    assert sorted(r["path"] for r in rows) == sorted(split["val"])
+    assert np.mean([int(r["correct"]) for r in rows]) == pytest.approx(metrics["accuracy"])
+    for row in rows:
+        probability_of_truth = float(row[f"p_{row['label']}"])
+        assert float(row["loss"]) == pytest.approx(-np.log(max(probability_of_truth, 1e-15)), abs=1e-5)
+        assert row["predicted"] == max(("cat", "dog"), key=lambda name: float(row[f"p_{name}"]))
+
+
+def test_most_confident_mistakes_come_first():
+    labels = np.array([0, 1, 0, 1, 0])
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.05, 0.95], [0.2, 0.8], [0.3, 0.7]])
+    assert most_confident_mistakes(labels, probabilities, 10).tolist() == [2, 4, 1]
+    assert most_confident_mistakes(labels, probabilities, 2).tolist() == [2, 4]
+    assert most_confident_mistakes(labels[:1], probabilities[:1], 10).tolist() == []
 
 
 def test_metrics_on_a_case_with_known_answers():

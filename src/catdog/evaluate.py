@@ -14,7 +14,8 @@ import numpy as np
 
 from catdog.config import option
 from catdog.data import discover
-from catdog.files import write_json_atomic, write_with_atomic
+from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
+from catdog.images import ImageLoadError, load_image
 from catdog.metrics import classification_metrics
 from catdog.predict import Predictor, load_predictor
 
@@ -29,10 +30,13 @@ class EvaluateConfig:
     backend: str = option("auto", "inference backend", choices=("auto", "torch", "onnxruntime"))
     batch_size: int = option(64, "images per inference batch")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
 
     def __post_init__(self):
         if not self.run:
             raise ValueError("--run is required")
+        if self.mistakes_shown < 0:
+            raise ValueError(f"--mistakes-shown must be >= 0, got {self.mistakes_shown}")
 
 
 def evaluation_images(run_dir: Path, data: str, layout: str):
@@ -66,11 +70,62 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
     out_dir = Path(config.out) if config.out else run_dir / "evaluation"
     write_json_atomic(out_dir / "metrics.json", metrics)
+    scored_paths = [images.relative_paths()[i] for i in outcome.indices]
+    write_predictions_csv(out_dir / "predictions.csv", scored_paths, labels, outcome.probabilities, predictor.class_names)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), predictor.class_names, out_dir / "confusion_matrix.png")
     plot_roc(labels, outcome.probabilities, predictor.class_names, out_dir / "roc.png")
+    mistakes = most_confident_mistakes(labels, outcome.probabilities, config.mistakes_shown)
+    plot_mistakes([images.paths[outcome.indices[i]] for i in mistakes], labels[mistakes], outcome.probabilities[mistakes],
+                  predictor.class_names, out_dir / "mistakes.png")
     log(format_metrics(metrics))
-    log(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'confusion_matrix.png'}, {out_dir / 'roc.png'}")
+    log(f"wrote metrics.json, predictions.csv, confusion_matrix.png, roc.png and mistakes.png "
+        f"({len(mistakes)} most confident mistakes) to {out_dir}")
     return metrics
+
+
+def write_predictions_csv(path: Path, relative_paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
+                          class_names: list[str]) -> None:
+    """One row per scored image: its true and predicted class, the probability of each class, and the image's loss,
+    so the worst cases can be sorted and looked at."""
+    predicted = probabilities.argmax(axis=1)
+    losses = -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-15, 1.0))
+    header = ["path", "label", "predicted", "correct", "loss"] + [f"p_{name}" for name in class_names]
+    rows = ([path, class_names[label], class_names[guess], int(label == guess), f"{loss:.6f}"] + [f"{p:.6f}" for p in row]
+            for path, label, guess, loss, row in zip(relative_paths, labels, predicted, losses, probabilities))
+    write_csv_atomic(path, header, rows)
+
+
+def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit: int) -> np.ndarray:
+    """Positions of wrongly classified images, the most confidently wrong first (fastai's "top losses")."""
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != labels)
+    confidence_in_truth = probabilities[wrong, labels[wrong]]
+    return wrong[np.argsort(confidence_in_truth, kind="stable")][:limit]
+
+
+def plot_mistakes(paths: list, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path,
+                  tile: int = 160) -> None:
+    """A grid of misclassified photos titled "true -> predicted (probability)"; an empty grid says there were none."""
+    plt = _pyplot()
+    columns = max(1, min(6, len(paths)))
+    rows = max(1, -(-len(paths) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.3), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    if not paths:
+        axes[0][0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    for axis, image_path, label, row in zip(axes.flat, paths, labels, probabilities):
+        try:
+            picture = load_image(image_path, draft_size=tile)
+            picture.thumbnail((tile, tile))
+            axis.imshow(picture)
+        except ImageLoadError:
+            axis.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+        guess = int(row.argmax())
+        axis.set_title(f"{class_names[label]} -> {class_names[guess]} ({row[guess]:.2f})\n{Path(image_path).name}", fontsize=7)
+    figure.suptitle("Most confident mistakes (true -> predicted)", fontsize=9)
+    figure.tight_layout()
+    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    plt.close(figure)
 
 
 def format_metrics(metrics: dict) -> str:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from catdog import __version__
 from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, load_model, read_meta
 from catdog.config import option
 from catdog.data import ImageFileDataset, collate_skipping_bad_images, find_image_files, relative_to_root
@@ -141,7 +142,7 @@ def load_predictor(run: str | None, backend: str = "auto", device: str = "auto",
         preprocess = MODEL_SPECS[ZERO_TRAINING_BACKBONE].preprocess
         meta = RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, "zero-training")
         return Predictor(lambda: create_zero_training_model(ZERO_TRAINING_BACKBONE)[0], meta, backend, torch_device,
-                         cache_dir, onnx_key=f"{ZERO_TRAINING_MODEL_NAME}-{ZERO_TRAINING_BACKBONE}-torch{torch.__version__}")
+                         cache_dir, onnx_key=f"{ZERO_TRAINING_MODEL_NAME}-{ZERO_TRAINING_BACKBONE}-torch{torch.__version__}-{__version__}")
     check_not_pickle(run)
     meta = read_meta(run)
     try:
@@ -149,7 +150,7 @@ def load_predictor(run: str | None, backend: str = "auto", device: str = "auto",
     except OSError as error:
         raise RunError(f"{Path(run) / MODEL_FILE}: cannot read the weights ({error})") from error
     return Predictor(lambda: load_model(run)[0], meta, backend, torch_device, cache_dir,
-                     onnx_key=f"{meta.model_name}-{digest}-torch{torch.__version__}")
+                     onnx_key=f"{meta.model_name}-{digest}-torch{torch.__version__}-{__version__}")
 
 
 # ---------------------------------------------------------------- the command
