@@ -55,23 +55,3 @@ def test_failed_parity_fails_loudly_and_writes_nothing(run_dir, tmp_path, monkey
     with pytest.raises(ExportParityError, match="exceeds"):
         run_export(ExportConfig(run=str(run_dir), out=str(tmp_path / "bad.onnx")), log=lambda _: None)
     assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize("input_size", [64, 97])
-def test_tensorflow_same_padding_is_folded_into_the_convolutions(input_size, tmp_path):
-    """The TF-faithful EfficientNet-Lite pads its stride-2 convolutions asymmetrically; the ONNX file must compute
-    exactly the same function with no separate Pad operators (they cost 25% of the speed)."""
-    import onnx
-
-    from catdog.models import create_model
-
-    model = create_model("efficientnet_lite0", 2, pretrained=False).eval()
-    assert any(type(layer).__name__ == "Conv2dSame" for layer in model.modules())
-    path = export_module.export_onnx_module(model, tmp_path / "m.onnx", input_size)
-    operators = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "Pad" not in operators and "Shape" not in operators
-    images = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = model(images).numpy()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"images": images.numpy()})[0] - expected).max() < 1e-4

@@ -4,7 +4,6 @@ parity check against PyTorch after every export."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ def export_onnx_module(module: torch.nn.Module, path: str | os.PathLike, input_s
     import onnx
 
     path = Path(path)
-    module = with_static_same_padding(module.eval().cpu(), input_size)
+    module = module.eval().cpu()
     example = torch.zeros(2, 3, input_size, input_size)
     with atomic_path(path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -41,129 +40,13 @@ def export_onnx_module(module: torch.nn.Module, path: str | os.PathLike, input_s
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=18, dynamo=True,
                 verbose=False,
             )
-        model = onnx.load(str(temporary))
-        if any(node.op_type == "Pad" for node in model.graph.node):
-            model = fold_padding_into_convolutions(model)
-        for key, value in (metadata or {}).items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(model, str(temporary))
+        if metadata:
+            model = onnx.load(str(temporary))
+            for key, value in metadata.items():
+                entry = model.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(model, str(temporary))
     return path
-
-
-# ---------------------------------------------------------------- TensorFlow "SAME" padding, made cheap in ONNX
-#
-# The EfficientNet-Lite weights come from TensorFlow, whose stride-2 convolutions pad asymmetrically ("SAME": the
-# extra row and column go at the bottom and right). timm computes that padding at run time from the input's shape,
-# which exports as a chain of Shape/Gather/Ceil/Pad operators; ONNX Runtime then runs a separate Pad before each of
-# those convolutions and the backbone is 25% slower. At export time the input size is fixed, so the padding is a
-# constant, and ONNX's Conv takes asymmetric padding itself: the two steps below make the exported graph a plain
-# convolutional network again (same speed as symmetric padding, same outputs).
-
-
-class _StaticPaddingConv2d(torch.nn.Module):
-    """A convolution preceded by a constant zero padding [left, right, top, bottom]."""
-
-    def __init__(self, convolution: torch.nn.Conv2d, padding: tuple[int, int, int, int]):
-        super().__init__()
-        self.convolution = convolution
-        self.padding = padding
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        conv = self.convolution
-        return torch.nn.functional.conv2d(torch.nn.functional.pad(images, self.padding), conv.weight, conv.bias,
-                                          conv.stride, 0, conv.dilation, conv.groups)
-
-
-def with_static_same_padding(module: torch.nn.Module, input_size: int) -> torch.nn.Module:
-    """A copy of `module` whose timm `Conv2dSame` layers pad by constants computed for `input_size` (the module
-    itself when it has none)."""
-    import copy
-
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:
-        return module
-    names = [name for name, layer in module.named_modules() if isinstance(layer, Conv2dSame)]
-    if not names:
-        return module
-    input_shapes: dict[str, tuple[int, int]] = {}
-    hooks = [module.get_submodule(name).register_forward_pre_hook(
-        lambda layer, inputs, name=name: input_shapes.__setitem__(name, tuple(inputs[0].shape[-2:]))) for name in names]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    module = copy.deepcopy(module)
-    for name in names:
-        convolution = module.get_submodule(name)
-        padding: list[int] = []
-        for size, kernel, stride, dilation in zip(reversed(input_shapes[name]), reversed(convolution.kernel_size),
-                                                  reversed(convolution.stride), reversed(convolution.dilation)):
-            total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-            padding += [total // 2, total - total // 2]  # width first, as F.pad wants: left, right, top, bottom
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child_name,
-                _StaticPaddingConv2d(convolution, tuple(padding)))
-    return module
-
-
-def fold_padding_into_convolutions(model):
-    """Fold each constant zero Pad that feeds only a Conv into that Conv's own `pads`; returns the new model.
-
-    ONNX Runtime's basic graph optimisation (constant folding only, portable ONNX out) first turns the exported
-    pad arithmetic into constants."""
-    import tempfile
-
-    import onnx
-    import onnxruntime
-    from onnx import numpy_helper
-
-    with tempfile.TemporaryDirectory(prefix="catdog-onnx-") as scratch:
-        source, folded = Path(scratch) / "source.onnx", Path(scratch) / "folded.onnx"
-        onnx.save(model, str(source))
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(folded)
-        options.log_severity_level = 3
-        onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        model = onnx.load(str(folded))
-    graph = model.graph
-    constants = {initializer.name: initializer for initializer in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    for pad in [node for node in graph.node if node.op_type == "Pad"]:
-        mode = next((attribute.s for attribute in pad.attribute if attribute.name == "mode"), b"constant")
-        users = consumers.get(pad.output[0], [])
-        if mode != b"constant" or len(pad.input) < 2 or pad.input[1] not in constants or len(users) != 1 \
-                or users[0].op_type != "Conv":
-            continue
-        if len(pad.input) > 2 and pad.input[2] and (pad.input[2] not in constants
-                                                     or numpy_helper.to_array(constants[pad.input[2]]).any()):
-            continue
-        pads = numpy_helper.to_array(constants[pad.input[1]]).tolist()  # [N, C, H, W begins, N, C, H, W ends]
-        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
-            continue
-        convolution = users[0]
-        attributes = {attribute.name: attribute for attribute in convolution.attribute}
-        if attributes.get("auto_pad") is not None and attributes["auto_pad"].s not in (b"", b"NOTSET"):
-            continue
-        before = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
-        if "pads" in attributes:
-            convolution.attribute.remove(attributes["pads"])
-        convolution.attribute.append(onnx.helper.make_attribute(
-            "pads", [before[0] + pads[2], before[1] + pads[3], before[2] + pads[6], before[3] + pads[7]]))
-        convolution.input[0] = pad.input[0]
-        graph.node.remove(pad)
-    used = {name for node in graph.node for name in node.input}
-    for initializer in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(initializer)
-    onnx.checker.check_model(model)
-    return model
 
 
 # ---------------------------------------------------------------- the command

@@ -85,11 +85,8 @@ class FeatureCache:
 
 
 def cache_folder(cache_dir: Path, model_name: str, preprocess: Preprocess, view: str) -> Path:
-    from catdog.models import LITE_ARCHITECTURES
-
-    settings = json.dumps({"model": model_name, "architecture": LITE_ARCHITECTURES.get(model_name, model_name),
-                           "preprocess": preprocess.to_dict(), "view": view, "transform": EVAL_TRANSFORM_VERSION},
-                          sort_keys=True)
+    settings = json.dumps({"model": model_name, "preprocess": preprocess.to_dict(), "view": view,
+                           "transform": EVAL_TRANSFORM_VERSION}, sort_keys=True)
     return cache_dir / "features" / f"{model_name}-{view}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
 
 
