@@ -108,7 +108,7 @@ def plot_mistakes(paths: list, labels: np.ndarray, probabilities: np.ndarray, cl
     plt = _pyplot()
     columns = max(1, min(6, len(paths)))
     rows = max(1, -(-len(paths) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.3), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.7 + 0.3), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     if not paths:
