@@ -10,7 +10,7 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 
 from catdog.cli import main
-from catdog.evaluate import most_confident_mistakes
+from catdog.evaluate import EvaluateConfig, evaluate_run, most_confident_mistakes
 from catdog.metrics import classification_metrics
 from catdog.predict import EXIT_SOME_FILES_FAILED, kaggle_id
 from catdog.train import TrainConfig, train
@@ -87,6 +87,35 @@ def test_evaluate_writes_metrics_and_plots_for_the_validation_split(trained_run,
         probability_of_truth = float(row[f"p_{row['label']}"])
         assert float(row["loss"]) == pytest.approx(-np.log(max(probability_of_truth, 1e-15)), abs=1e-5)
         assert row["predicted"] == max(("cat", "dog"), key=lambda name: float(row[f"p_{name}"]))
+
+
+def test_evaluating_a_head_run_reads_the_features_training_cached(tmp_path, monkeypatch):
+    data = make_kaggle_folder(tmp_path / "train", per_class=10)
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(run), model="efficientnet_lite0", strategy="head", epochs=10, image_size=64,
+                      num_workers=0, progress=False, cache_dir=str(cache)), log=lambda _: None)
+    whole = evaluate_run(EvaluateConfig(run=str(run), out=str(tmp_path / "whole"), feature_cache=False, backend="torch"),
+                         log=lambda _: None)
+
+    def backbone_must_not_run(*arguments, **options):
+        raise AssertionError("the backbone ran although training cached the features of every validation photo")
+
+    import catdog.features
+
+    monkeypatch.setattr(catdog.features, "make_backbone_runner", backbone_must_not_run)
+    cached = evaluate_run(EvaluateConfig(run=str(run), out=str(tmp_path / "cached"), cache_dir=str(cache)), log=lambda _: None)
+    assert cached["count"] == whole["count"] == 4 and cached["accuracy"] == whole["accuracy"]
+    by_path = {row["path"]: row for row in read_csv(tmp_path / "whole" / "predictions.csv")}
+    for row in read_csv(tmp_path / "cached" / "predictions.csv"):
+        # Same numbers up to the float16 rounding of cached features.
+        assert float(row["p_dog"]) == pytest.approx(float(by_path[row["path"]]["p_dog"]), abs=5e-3)
+    # A photo the cache has never seen needs the backbone, and gets it.
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    make_kaggle_folder(other, per_class=3, size=(72, 56))
+    fresh = evaluate_run(EvaluateConfig(run=str(run), data=str(other), out=str(tmp_path / "fresh"), cache_dir=str(cache)),
+                         log=lambda _: None)
+    assert fresh["count"] == 6
 
 
 def test_most_confident_mistakes_come_first():

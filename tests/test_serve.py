@@ -8,7 +8,6 @@ import io
 import pytest
 from conftest import colour_image, make_kaggle_folder
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from catdog.serve.app import ServeConfig, create_app
 from catdog.train import TrainConfig, train

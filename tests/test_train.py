@@ -11,7 +11,7 @@ import torch
 from conftest import make_kaggle_folder
 
 from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
-from catdog.train import TrainConfig, build_scheduler, fit_temperature, train
+from catdog.train import TrainConfig, build_scheduler, fit_temperature, resolve_preprocess, train
 
 
 def quiet(_message: str) -> None:
@@ -103,6 +103,18 @@ def test_config_validation():
         TrainConfig(data="x", val_fraction=1.5)
     with pytest.raises(ValueError, match="--data"):
         TrainConfig()
+
+
+def test_default_preset_takes_frozen_features_above_the_backbones_own_size():
+    default = TrainConfig(data="x")
+    assert default.model == "efficientnet_lite2"
+    assert resolve_preprocess(default, "head").input_size == 300  # test-resolution effect, see resolve_preprocess
+    assert resolve_preprocess(default, "finetune").input_size == 260  # fine-tuning trains at the model's own size
+    assert resolve_preprocess(TrainConfig(data="x", preset="fast"), "head").input_size == 224
+    # Another model, or an explicit size, is taken as asked.
+    assert resolve_preprocess(TrainConfig(data="x", model="efficientnet_lite0"), "head").input_size == 224
+    assert resolve_preprocess(TrainConfig(data="x", image_size=128), "head").input_size == 128
+    assert resolve_preprocess(TrainConfig(data="x", image_size=128), "head").crop_fraction == 0.89
 
 
 def test_cosine_schedule_warms_up_then_decays():

@@ -6,4 +6,4 @@ in the module named after it: `images` (the one image loader), `data` (layouts, 
 (the frozen-backbone feature cache), `train`, `evaluate`, `predict`, `export`, `tune`, `audit` and `serve`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

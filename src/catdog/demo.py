@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     print(f"== 1/4 inspect {labelled}")
     inspect_data(InspectConfig(data=str(labelled), out=str(run / "inspect")))
     print(f"\n== 2/4 train -> {run}")
-    result = train(TrainConfig(data=str(labelled), out=str(run), preset=arguments.preset, progress=sys.stderr.isatty()))
+    train(TrainConfig(data=str(labelled), out=str(run), preset=arguments.preset, progress=sys.stderr.isatty()))
     print("\n== 3/4 evaluate (validation split)")
     metrics = evaluate_run(EvaluateConfig(run=str(run)))
     if unlabelled:

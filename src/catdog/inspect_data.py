@@ -7,7 +7,6 @@ file is `catdog data audit`'s job.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor

@@ -11,7 +11,7 @@ import hashlib
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,13 +23,13 @@ from torch.utils.data import DataLoader
 from catdog import __version__
 from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, load_model, read_meta
 from catdog.config import option
-from catdog.data import ImageFileDataset, collate_skipping_bad_images, find_image_files, relative_to_root
+from catdog.data import ImageFileDataset, collate_skipping_bad_images, find_image_files
 from catdog.files import write_csv_atomic
-from catdog.images import ImageLoadError, has_image_extension
+from catdog.images import ImageLoadError
 from catdog.models import MODEL_SPECS, ZERO_TRAINING_MODEL_NAME, create_zero_training_model
+from catdog.transforms import eval_transform
 
 ZERO_TRAINING_BACKBONE = "efficientnet_lite0"
-from catdog.transforms import Preprocess, eval_transform
 
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
 

@@ -20,7 +20,7 @@ from torch import nn
 from catdog.config import option
 from catdog.data import discover, stratified_split
 from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic
-from catdog.models import create_model, get_model_spec
+from catdog.models import create_model
 from catdog.train import (
     FeatureBatches,
     TrainConfig,
@@ -29,6 +29,7 @@ from catdog.train import (
     evaluate,
     load_head_data,
     resolve_device,
+    resolve_preprocess,
     seed_everything,
     train_one_epoch,
 )
@@ -61,11 +62,10 @@ def run_tuning(config: TuneConfig, log=print) -> dict:
     device = resolve_device("auto")
     images = discover(config.data)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
-    spec = get_model_spec(base.model)
     def backbone() -> nn.Module:  # built only when some features are not cached yet
         return create_model(base.model, len(images.class_names), pretrained=True, freeze_backbone=True).backbone
 
-    data = load_head_data(base, backbone, spec.preprocess, images.subset(train_indices), images.subset(val_indices), device, log)
+    data = load_head_data(base, backbone, resolve_preprocess(base, "head"), images.subset(train_indices), images.subset(val_indices), device, log)
     feature_dim, classes = data.train_samples.shape[-1], len(images.class_names)
     plain_loss = nn.CrossEntropyLoss()
     val_batches = FeatureBatches(data.val_features, data.val_labels, 1024, shuffle=False)
