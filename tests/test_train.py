@@ -11,7 +11,7 @@ import torch
 from conftest import make_kaggle_folder
 
 from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
-from catdog.train import TrainConfig, build_scheduler, fit_temperature, resolve_preprocess, train
+from catdog.train import TrainConfig, build_scheduler, fit_temperature, resolve_preprocess, strategy_defaults, train
 
 
 def quiet(_message: str) -> None:
@@ -115,6 +115,9 @@ def test_default_preset_takes_frozen_features_above_the_backbones_own_size():
     assert resolve_preprocess(TrainConfig(data="x", model="efficientnet_lite0"), "head").input_size == 224
     assert resolve_preprocess(TrainConfig(data="x", image_size=128), "head").input_size == 128
     assert resolve_preprocess(TrainConfig(data="x", image_size=128), "head").crop_fraction == 0.89
+    # The run's config.json records the size used, so a resumed run keeps it.
+    assert strategy_defaults(default, "head").image_size == 300
+    assert strategy_defaults(default, "finetune").image_size == 260
 
 
 def test_cosine_schedule_warms_up_then_decays():

@@ -157,11 +157,12 @@ def resolve_strategy(config: TrainConfig, device: torch.device) -> str:
 
 
 def strategy_defaults(config: TrainConfig, strategy: str) -> TrainConfig:
-    """Fill the 0 placeholders with what works for the chosen strategy."""
+    """Fill the 0 placeholders with what works for the chosen strategy, so config.json records what was used."""
     if strategy == "head":
         defaults = {"epochs": 40, "batch_size": 256, "lr": 3e-3}
     else:
         defaults = {"epochs": 10, "batch_size": 32, "lr": 3e-4 if config.pretrained else 1e-3}
+    defaults["image_size"] = resolve_preprocess(config, strategy).input_size
     return replace(config, **{key: value for key, value in defaults.items() if not getattr(config, key)})
 
 
