@@ -11,7 +11,15 @@ import torch
 from conftest import make_kaggle_folder
 
 from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
-from catdog.train import TrainConfig, build_scheduler, fit_temperature, resolve_preprocess, strategy_defaults, train
+from catdog.train import (
+    TrainConfig,
+    build_scheduler,
+    fit_temperature,
+    resolve_preprocess,
+    resolve_strategy,
+    strategy_defaults,
+    train,
+)
 
 
 def quiet(_message: str) -> None:
@@ -118,6 +126,17 @@ def test_default_preset_takes_frozen_features_above_the_backbones_own_size():
     # The run's config.json records the size used, so a resumed run keeps it.
     assert strategy_defaults(default, "head").image_size == 300
     assert strategy_defaults(default, "finetune").image_size == 260
+
+
+def test_auto_strategy_follows_the_device_and_the_data_size():
+    auto, cpu, cuda = TrainConfig(data="x"), torch.device("cpu"), torch.device("cuda")
+    assert resolve_strategy(auto, cpu, 50_000) == "head"  # fine-tuning on a CPU runs at a few images per second
+    assert resolve_strategy(auto, cuda, 1_999) == "head"  # small data: frozen features are as good, in seconds
+    assert resolve_strategy(auto, cuda, 2_000) == "finetune"
+    assert resolve_strategy(TrainConfig(data="x", pretrained=False), cpu, 100) == "finetune"  # no features to freeze
+    assert resolve_strategy(TrainConfig(data="x", strategy="finetune"), cpu, 100) == "finetune"
+    with pytest.raises(ValueError, match="pretrained"):
+        resolve_strategy(TrainConfig(data="x", strategy="head", pretrained=False), cpu, 100)
 
 
 def test_cosine_schedule_warms_up_then_decays():

@@ -3,9 +3,9 @@
 Two strategies share one loop (`train_one_epoch` + `evaluate`, plain functions with explicit arguments):
 - "head": the pretrained backbone stays frozen; its features are computed once per image (and its mirror image)
   and cached (`features.py`); only the linear head trains, on the cached vectors, in seconds per run. This is the
-  default on a CPU, where fine-tuning the whole network runs at a few images per second.
+  default on a CPU, where fine-tuning the whole network runs at a few images per second, and on small data sets.
 - "finetune": the whole network (or only the head with --freeze-backbone) trains on augmented images; the default
-  on CUDA, with mixed precision and channels_last.
+  on CUDA from 2,000 training images (`resolve_strategy`), with mixed precision and channels_last.
 Either way the run directory ends up with one complete `Classifier` in `model.safetensors`, so evaluate, predict,
 export and serve never need to know how it was trained.
 """
@@ -67,7 +67,7 @@ class TrainConfig:
     out: str = option("runs/latest", "run directory to create")
     preset: str = option("default", "fast: EfficientNet-Lite0 features at 224 px; default: Lite2 features at 300 px (2.4x slower, more accurate); both with mirror images", choices=tuple(PRESETS))
     model: str = option("", "model name (see `catdog models`); empty: the preset's model")
-    strategy: str = option("auto", "head: train a linear head on cached frozen features; finetune: train the network; auto: head on CPU, finetune on CUDA", choices=("auto", "head", "finetune"))
+    strategy: str = option("auto", "head: train a linear head on cached frozen features; finetune: train the network; auto: head on CPU, and on CUDA below 2,000 training images, else finetune", choices=("auto", "head", "finetune"))
     pretrained: bool = option(True, "start from ImageNet weights (offline); --no-pretrained trains from scratch")
     freeze_backbone: bool = option(False, "finetune only the head (feature extractor)")
     flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
@@ -148,12 +148,21 @@ def resolve_preprocess(config: TrainConfig, strategy: str) -> Preprocess:
     return replace(spec.preprocess, input_size=size) if size else spec.preprocess
 
 
-def resolve_strategy(config: TrainConfig, device: torch.device) -> str:
+# On CUDA, fine-tuning the whole network pays once there are a few thousand training images; below that a linear
+# head on frozen features is as accurate or better, in seconds (the usual transfer-learning advice for small data
+# sets of ImageNet-like photos; the CUDA check of 2026-11-27 on 1,600 training photos: head 98.5%, two epochs of
+# fine-tuning 97.75%). On a CPU the head is the path at every size: fine-tuning runs at a few images per second.
+FINETUNE_FROM_TRAIN_IMAGES = 2000
+
+
+def resolve_strategy(config: TrainConfig, device: torch.device, train_images: int) -> str:
     if config.strategy != "auto":
         if config.strategy == "head" and not config.pretrained:
             raise ValueError("the head strategy needs a pretrained backbone; use --strategy finetune")
         return config.strategy
-    return "head" if config.pretrained and device.type == "cpu" else "finetune"
+    if not config.pretrained:
+        return "finetune"
+    return "finetune" if device.type != "cpu" and train_images >= FINETUNE_FROM_TRAIN_IMAGES else "head"
 
 
 def strategy_defaults(config: TrainConfig, strategy: str) -> TrainConfig:
@@ -371,18 +380,18 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     if config.resume:
         config, resume_state = _load_resume(run_dir, config)
     device = resolve_device(config.device)
-    strategy = resolve_strategy(config, device)
-    config = strategy_defaults(config, strategy)
-    seed_everything(config.seed)
     if not config.resume and (run_dir / LAST_CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
 
     images = discover(config.data, config.layout)
     images, audit_skipped = _drop_files_a_current_audit_flagged(images, log)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
     train_images, val_images = images.subset(train_indices), images.subset(val_indices)
+    strategy = resolve_strategy(config, device, len(train_images))
+    config = strategy_defaults(config, strategy)
+    seed_everything(config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
     write_json_atomic(run_dir / "split.json", {
         "data": str(Path(config.data).resolve()), "root": str(images.root.resolve()), "layout": images.layout,
         "seed": config.seed, "val_fraction": config.val_fraction, "class_names": images.class_names,
