@@ -76,6 +76,23 @@ def test_head_strategy_on_cached_features(tmp_path):
     assert not np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=False))
 
 
+def test_time_budget_cuts_feature_extraction_and_a_rerun_continues_from_the_cache(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=40)
+    common = dict(data=str(data), model="efficientnet_lite0", strategy="head", epochs=3, num_workers=0, progress=False,
+                  image_size=64, cache_dir=str(tmp_path / "cache"))
+    messages = []
+    # 0.1 min = 6 s: extraction must stop at least 10 s before the end, so that moment has passed at once and only
+    # the first batch (64 of the 80 photos, in a seeded random order) is computed; the head trains on those.
+    train(TrainConfig(out=str(tmp_path / "cut"), time_budget=0.1, **common), log=messages.append)
+    assert any("(64 computed, 0 from cache)" in m for m in messages), messages
+    assert any("time budget: 16 of 80 photos not reached" in m for m in messages), messages
+    assert (tmp_path / "cut" / "model.safetensors").is_file()
+    rerun = []
+    train(TrainConfig(out=str(tmp_path / "full"), **common), log=rerun.append)
+    assert any("(16 computed, 64 from cache)" in m for m in rerun), rerun
+    assert not any("not reached" in m for m in rerun)
+
+
 def test_resume_continues_to_the_same_result(tmp_path):
     data = make_kaggle_folder(tmp_path / "train", per_class=12)
     full = train(small_config(data, tmp_path / "full", epochs=3), log=quiet)

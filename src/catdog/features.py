@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,6 +51,10 @@ class FeatureSet:
     errors: list[ImageLoadError]
     seconds: float
     computed: int  # images that went through the backbone in this call (cache misses)
+    not_reached: list[int] = field(default_factory=list)  # positions the deadline came before (NaN rows, not errors)
+
+    def from_cache(self, total: int) -> int:
+        return total - self.computed - len(self.errors) - len(self.not_reached)
 
     def valid_mask(self) -> np.ndarray:
         return ~np.isnan(self.features).any(axis=(1, 2))
@@ -171,9 +175,15 @@ def extract_features(
     batch_size: int = 64,
     num_workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    deadline: float | None = None,
+    seed: int = 0,
 ) -> FeatureSet:
     """Features for every path in each view, from the cache where possible. Bad files become NaN rows + errors.
-    `backbone` returns the frozen backbone module; it is only called on a cache miss."""
+    `backbone` returns the frozen backbone module; it is only called on a cache miss.
+
+    With a `deadline` (a time.perf_counter() value) the cache misses are computed in a seeded random order and the
+    work stops after the batch that passes it: what was reached is an unbiased sample, it is cached, and a later
+    call continues with the rest."""
     started = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
     caches = {view: FeatureCache(cache_folder(cache_dir, model_name, preprocess, view)) for view in views}
@@ -186,7 +196,10 @@ def extract_features(
             digests.append(None)
             errors.append(ImageLoadError(str(path), "unreadable file", str(error)))
     missing = [i for i, digest in enumerate(digests) if digest is not None and any(digest not in caches[v].vectors for v in views)]
+    if deadline is not None:
+        missing = [missing[i] for i in np.random.default_rng(seed).permutation(len(missing))]
     computed: dict[int, np.ndarray] = {}
+    processed = 0  # cache misses the loop has got to (computed or failed)
     if missing:
         runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
         dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size)
@@ -204,8 +217,11 @@ def extract_features(
                 stacked = torch.stack(outputs, dim=1).numpy()
                 for row, dataset_index in zip(stacked, batch.indices.tolist()):
                     computed[missing[dataset_index]] = row
+            processed += len(batch.images) + len(batch.errors)
             if progress:
                 progress(len(batch.images) + len(batch.errors))
+            if deadline is not None and time.perf_counter() > deadline:
+                break
         order = sorted(computed)
         for view_index, view in enumerate(views):
             caches[view].add([digests[i] for i in order], np.stack([computed[i][view_index] for i in order]) if order else np.zeros((0, 1)))
@@ -216,7 +232,7 @@ def extract_features(
             features[i] = computed[i]
         elif digest is not None and all(digest in caches[v].vectors for v in views):
             features[i] = np.stack([caches[v].vectors[digest] for v in views]).astype(np.float32)
-    return FeatureSet(features, errors, time.perf_counter() - started, len(computed))
+    return FeatureSet(features, errors, time.perf_counter() - started, len(computed), sorted(missing[processed:]))
 
 
 def _cached_dimension(caches: dict[str, FeatureCache]) -> int | None:

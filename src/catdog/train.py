@@ -92,7 +92,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities")
-    time_budget: float = option(0.0, "stop training after this many minutes (0: no limit)")
+    time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     resume: str = option("", "run directory of an interrupted run to continue from its last complete epoch", metavar="RUN")
     progress: bool = option(True, "show progress bars")
@@ -379,6 +379,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     resume_state = None
     if config.resume:
         config, resume_state = _load_resume(run_dir, config)
+    deadline = started + config.time_budget * 60 if config.time_budget else None
     device = resolve_device(config.device)
     if not config.resume and (run_dir / LAST_CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
@@ -406,9 +407,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     model = create_model(config.model, len(images.class_names), pretrained=config.pretrained,
                          freeze_backbone=config.freeze_backbone or strategy == "head")
     if strategy == "head":
-        outcome = _train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, log)
+        outcome = _train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
     else:
-        outcome = _finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, log)
+        outcome = _finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
     history, skipped, val_logits, val_labels = outcome
     skipped = audit_skipped + skipped
 
@@ -463,7 +464,7 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 class _Tracker:
     """Best-epoch keeping, early stopping, the time budget, history.csv and TensorBoard, in one place."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None):
+    def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None, deadline: float | None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.run_dir = config, run_dir
@@ -472,7 +473,7 @@ class _Tracker:
         self.stale_epochs = resume_state["stale_epochs"] if resume_state else 0
         self.start_epoch = resume_state["epoch"] + 1 if resume_state else 0
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.start_epoch)
-        self.started = time.perf_counter()
+        self.deadline = deadline
 
     def record(self, epoch: int, result: EpochResult, val_loss: float, val_accuracy: float, learning_rate: float) -> bool:
         """Log the epoch; return True when it is the best so far."""
@@ -497,8 +498,7 @@ class _Tracker:
     def should_stop(self, epoch_seconds: float) -> str | None:
         if self.config.early_stopping and self.stale_epochs >= self.config.early_stopping:
             return f"early stopping: no better validation loss for {self.stale_epochs} epochs"
-        budget = self.config.time_budget * 60
-        if budget and time.perf_counter() - self.started + epoch_seconds > budget:
+        if self.deadline is not None and time.perf_counter() + epoch_seconds > self.deadline:
             return f"time budget of {self.config.time_budget} min reached"
         return None
 
@@ -529,7 +529,9 @@ class HeadData:
 
 
 def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
-                   val_images: LabelledImages, device: torch.device, log) -> HeadData:
+                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData:
+    """Features of every training and validation photo, from the cache or the backbone. With a deadline the
+    extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log."""
     from catdog.features import default_cache_dir, extract_features
 
     views = ("original", "flipped") if config.flip else ("original",)
@@ -539,10 +541,15 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
     all_paths = train_images.paths + val_images.paths
     with _progress_bar(config.progress, len(all_paths), "features") as bar:
         feature_set = extract_features(all_paths, backbone, config.model, preprocess, views, device=device,
-                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update)
+                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update,
+                                       deadline=deadline, seed=config.seed)
     log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
-        f"({feature_set.computed} computed, {len(all_paths) - feature_set.computed - len(feature_set.errors)} from cache)")
+        f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
     count = len(train_images)
+    if feature_set.not_reached:
+        in_train = sum(1 for i in feature_set.not_reached if i < count)
+        log(f"time budget: {len(feature_set.not_reached)} of {len(all_paths)} photos not reached ({in_train} train, "
+            f"{len(feature_set.not_reached) - in_train} validation), left out of this run; a rerun continues from the cache")
     extracted = {"train": replace(feature_set, features=feature_set.features[:count]),
                  "val": replace(feature_set, features=feature_set.features[count:])}
 
@@ -551,7 +558,8 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
         labels = torch.tensor(part.labels)[torch.from_numpy(mask)]
         lost = set(range(len(part.class_names))) - set(labels.tolist())
         if lost:
-            raise DataError(f"every {name} image of class(es) {[part.class_names[i] for i in lost]} failed to load")
+            why = "was not reached within --time-budget" if feature_set.not_reached else "failed to load"
+            raise DataError(f"every {name} image of class(es) {[part.class_names[i] for i in lost]} {why}")
         return torch.from_numpy(extracted[name].features[mask]), labels
 
     train_features, train_labels = usable("train", train_images)
@@ -561,8 +569,10 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
 
 
 def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-                val_images: LabelledImages, device, run_dir: Path, resume_state, log):
-    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log)
+                val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+    # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
+    extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
+    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline)
     train_samples, train_sample_labels = data.train_samples, data.train_labels
     val_features, val_labels, skipped = data.val_features, data.val_labels, data.skipped
     head = model.head
@@ -570,7 +580,7 @@ def _train_head(config, model: Classifier, preprocess: Preprocess, train_images:
     optimizer = build_optimizer(head.parameters(), config)
     steps_per_epoch = math.ceil(len(train_sample_labels) / config.batch_size)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    tracker = _Tracker(config, run_dir, resume_state)
+    tracker = _Tracker(config, run_dir, resume_state, deadline)
     best_head = {k: v.clone() for k, v in head.state_dict().items()}
     if resume_state:
         head.load_state_dict(resume_state["model"])
@@ -616,7 +626,7 @@ def _sample_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int)
 
 
 def _finetune(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-              val_images: LabelledImages, device, run_dir: Path, resume_state, log):
+              val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
     workers = default_num_workers() if config.num_workers < 0 else config.num_workers
     train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, Augmentation()), preprocess.resize_size)
     val_dataset = ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size)
@@ -632,7 +642,7 @@ def _finetune(config, model: Classifier, preprocess: Preprocess, train_images: L
     optimizer = build_optimizer(model.parameters(), config)
     steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    tracker = _Tracker(config, run_dir, resume_state)
+    tracker = _Tracker(config, run_dir, resume_state, deadline)
     if resume_state:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
