@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= data/dogs-vs-cats
+# The data: ./data/dogs-vs-cats, or else the shared copy beside the clone (as on the project's machines and CI).
+DATA ?= $(firstword $(wildcard data/dogs-vs-cats ../shared/data/dogs-vs-cats) data/dogs-vs-cats)
 RUN ?= runs/demo
 # The torch and torchvision wheels this project is tested with (pip finds them on this machine's disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
