@@ -1,11 +1,16 @@
 """Training: `catdog train`.
 
-Two strategies share one loop (`train_one_epoch` + `evaluate`, plain functions with explicit arguments):
-- "head": the pretrained backbone stays frozen; its features are computed once per image (and its mirror image)
-  and cached (`features.py`); only the linear head trains, on the cached vectors, in seconds per run. This is the
-  default on a CPU, where fine-tuning the whole network runs at a few images per second, and on small data sets.
-- "finetune": the whole network (or only the head with --freeze-backbone) trains on augmented images; the default
-  on CUDA from 2,000 training images (`resolve_strategy`), with mixed precision and channels_last.
+Two strategies share one loop (`train_one_epoch` + `evaluate`, plain functions with explicit arguments), each in
+the file named after it:
+- "head" (`train_head.py`): the pretrained backbone stays frozen; its features are computed once per image (and
+  its mirror image) and cached (`features.py`); only the linear head trains, on the cached vectors, in seconds per
+  run. This is the default on a CPU, where fine-tuning the whole network runs at a few images per second, and on
+  small data sets.
+- "finetune" (`train_finetune.py`): the whole network (or only the head with --freeze-backbone) trains on augmented
+  images; the default on CUDA from 2,000 training images (`resolve_strategy`), with mixed precision and
+  channels_last.
+This file holds what both share: the config, the run directory (config.json, split.json, history.csv, TensorBoard,
+resuming), the loop, the building blocks, and the `train()` entry point.
 Either way the run directory ends up with one complete `Classifier` in `model.safetensors`, so evaluate, predict,
 export and serve never need to know how it was trained.
 """
@@ -18,36 +23,31 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from catdog.checkpoint import (
     LAST_CHECKPOINT_FILE,
     RunMeta,
     load_training_state,
     save_model,
-    save_training_state,
 )
 from catdog.config import option
 from catdog.data import (
     Batch,
     DataError,
-    ImageFileDataset,
     LabelledImages,
-    dataloader_options,
-    default_num_workers,
     discover,
     stratified_split,
 )
 from catdog.files import write_csv_atomic, write_json_atomic
 from catdog.images import ImageLoadError
 from catdog.metrics import classification_metrics
-from catdog.models import Classifier, create_model, get_model_spec
-from catdog.transforms import Augmentation, Preprocess, eval_transform, train_transform
+from catdog.models import create_model, get_model_spec
+from catdog.transforms import Preprocess
 
 PRESETS = {
     # Measured on the 6,000 shared Kaggle photos, 80/20 split, 2-core CPU (BENCHMARKS.md, 2026-11-28):
@@ -337,29 +337,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class FeatureBatches:
-    """Mini-batches of cached feature vectors, shaped like image batches so the same loop trains on them."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                 seed: int = 0, epoch: int = 0, weights: torch.Tensor | None = None):
-        self.features, self.labels, self.batch_size = features, labels, batch_size
-        self.shuffle, self.seed, self.epoch, self.weights = shuffle, seed, epoch, weights
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        generator = epoch_generator(self.seed, self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=generator)
-        elif self.shuffle:
-            order = torch.randperm(len(self.labels), generator=generator)
-        else:
-            order = torch.arange(len(self.labels))
-        for start in range(0, len(order), self.batch_size):
-            chosen = order[start : start + self.batch_size]
-            yield Batch(self.features[chosen], self.labels[chosen], chosen, [])
-
 
 # ---------------------------------------------------------------- the command
 
@@ -406,10 +383,15 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     preprocess = resolve_preprocess(config, strategy)
     model = create_model(config.model, len(images.class_names), pretrained=config.pretrained,
                          freeze_backbone=config.freeze_backbone or strategy == "head")
+    # Imported here: the strategy modules build on this one (config, loop, tracker), so importing them at the top
+    # would be circular.
+    from catdog.train_finetune import finetune
+    from catdog.train_head import train_head
+
     if strategy == "head":
-        outcome = _train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
+        outcome = train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
     else:
-        outcome = _finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
+        outcome = finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
     history, skipped, val_logits, val_labels = outcome
     skipped = audit_skipped + skipped
 
@@ -461,7 +443,7 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     write_csv_atomic(run_dir / "history.csv", HISTORY_COLUMNS, [[row[c] for c in HISTORY_COLUMNS] for row in history])
 
 
-class _Tracker:
+class Tracker:
     """Best-epoch keeping, early stopping, the time budget, history.csv and TensorBoard, in one place."""
 
     def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None, deadline: float | None):
@@ -506,186 +488,23 @@ class _Tracker:
         return {"epoch": epoch, "history": self.history, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": repr(random.getstate())}
 
 
-def _progress_bar(enabled: bool, total: int, description: str):
+def progress_bar(enabled: bool, total: int, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-@dataclass
-class HeadData:
-    """Cached features ready for head training: each view of a training image is one sample; validation keeps
-    the views together ([images, views, dim]) so evaluation averages their logits."""
 
-    train_samples: torch.Tensor
-    train_labels: torch.Tensor
-    val_features: torch.Tensor
-    val_labels: torch.Tensor
-    skipped: list[ImageLoadError]
-
-
-def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
-                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData:
-    """Features of every training and validation photo, from the cache or the backbone. With a deadline the
-    extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log."""
-    from catdog.features import default_cache_dir, extract_features
-
-    views = ("original", "flipped") if config.flip else ("original",)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
-    # One pass over train and validation images together: one decoder process, one ONNX Runtime session.
-    all_paths = train_images.paths + val_images.paths
-    with _progress_bar(config.progress, len(all_paths), "features") as bar:
-        feature_set = extract_features(all_paths, backbone, config.model, preprocess, views, device=device,
-                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update,
-                                       deadline=deadline, seed=config.seed)
-    log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
-        f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
-    count = len(train_images)
-    if feature_set.not_reached:
-        in_train = sum(1 for i in feature_set.not_reached if i < count)
-        log(f"time budget: {len(feature_set.not_reached)} of {len(all_paths)} photos not reached ({in_train} train, "
-            f"{len(feature_set.not_reached) - in_train} validation), left out of this run; a rerun continues from the cache")
-    extracted = {"train": replace(feature_set, features=feature_set.features[:count]),
-                 "val": replace(feature_set, features=feature_set.features[count:])}
-
-    def usable(name: str, part: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = extracted[name].valid_mask()
-        labels = torch.tensor(part.labels)[torch.from_numpy(mask)]
-        lost = set(range(len(part.class_names))) - set(labels.tolist())
-        if lost:
-            why = "was not reached within --time-budget" if feature_set.not_reached else "failed to load"
-            raise DataError(f"every {name} image of class(es) {[part.class_names[i] for i in lost]} {why}")
-        return torch.from_numpy(extracted[name].features[mask]), labels
-
-    train_features, train_labels = usable("train", train_images)
-    val_features, val_labels = usable("val", val_images)
-    return HeadData(train_features.reshape(-1, train_features.shape[-1]), train_labels.repeat_interleave(len(views)),
-                    val_features, val_labels, feature_set.errors)
-
-
-def _train_head(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-                val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
-    # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
-    extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
-    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline)
-    train_samples, train_sample_labels = data.train_samples, data.train_labels
-    val_features, val_labels, skipped = data.val_features, data.val_labels, data.skipped
-    head = model.head
-    loss_function = _loss_function(config, train_sample_labels.tolist(), len(train_images.class_names))
-    optimizer = build_optimizer(head.parameters(), config)
-    steps_per_epoch = math.ceil(len(train_sample_labels) / config.batch_size)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    tracker = _Tracker(config, run_dir, resume_state, deadline)
-    best_head = {k: v.clone() for k, v in head.state_dict().items()}
-    if resume_state:
-        head.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        best_head = resume_state["best_model"]
-    sample_weights = _sample_weights(config, train_sample_labels, len(train_images.class_names))
-    val_batches = FeatureBatches(val_features, val_labels, 1024, shuffle=False)
-    plain_loss = nn.CrossEntropyLoss()
-    for epoch in range(tracker.start_epoch, config.epochs):
-        seed_epoch(config.seed, epoch)
-        batches = FeatureBatches(train_samples, train_sample_labels, config.batch_size, True, config.seed, epoch, sample_weights)
-        result = train_one_epoch(head, batches, optimizer, scheduler, loss_function, torch.device("cpu"), config.grad_clip)
-        val_loss, val_accuracy, _, _ = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
-        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
-            best_head = {k: v.clone() for k, v in head.state_dict().items()}
-        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
-            **tracker.state(epoch), "model": head.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "best_model": best_head, "rng": _rng_state()})
-        reason = tracker.should_stop(result.seconds)
-        if reason:
-            log(reason)
-            break
-    if tracker.history:
-        best = min(tracker.history, key=lambda row: row["val_loss"])
-        log(f"head: {len(tracker.history)} epochs, best epoch {best['epoch']} val loss {best['val_loss']:.4f} "
-            f"accuracy {best['val_accuracy']:.4f}")
-    head.load_state_dict(best_head)
-    tracker.writer.close()
-    _, _, val_logits, val_label_tensor = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
-    return tracker.history, skipped, val_logits, val_label_tensor
-
-
-def _loss_function(config: TrainConfig, labels: list[int], num_classes: int) -> nn.Module:
+def build_loss_function(config: TrainConfig, labels: list[int], num_classes: int) -> nn.Module:
     weight = class_weights(labels, num_classes) if config.class_balance == "weights" else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def _sample_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+def sampling_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     if config.class_balance != "sampler":
         return None
     return class_weights(labels.tolist(), num_classes)[labels].double()
-
-
-def _finetune(config, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-              val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
-    workers = default_num_workers() if config.num_workers < 0 else config.num_workers
-    train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, Augmentation()), preprocess.resize_size)
-    val_dataset = ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = None
-    scaler = None
-    if device.type == "cuda" and config.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_function = _loss_function(config, train_images.labels, len(train_images.class_names)).to(device)
-    optimizer = build_optimizer(model.parameters(), config)
-    steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    tracker = _Tracker(config, run_dir, resume_state, deadline)
-    if resume_state:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-    options = dataloader_options(device, workers)
-    sample_weights = _sample_weights(config, torch.tensor(train_images.labels), len(train_images.class_names))
-    val_loader = DataLoader(val_dataset, batch_size=config.batch_size * 2, shuffle=False, **options)
-    plain_loss = nn.CrossEntropyLoss()
-    skipped: dict[str, ImageLoadError] = {}
-    for epoch in range(tracker.start_epoch, config.epochs):
-        seed_epoch(config.seed, epoch)
-        generator = epoch_generator(config.seed, epoch)
-        sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
-                   if sample_weights is not None else None)
-        train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=sampler is None,
-                                  sampler=sampler, generator=generator, drop_last=len(train_dataset) > config.batch_size,
-                                  **options)
-        with _progress_bar(config.progress, len(train_dataset), f"epoch {epoch + 1}/{config.epochs}") as bar:
-            def show(count, loss, accuracy):
-                bar.update(count)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}",
-                                img_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-            result = train_one_epoch(model, train_loader, optimizer, scheduler, loss_function, device,
-                                     config.grad_clip, amp_dtype, scaler, show)
-        val_loss, val_accuracy, _, _ = evaluate(model, val_loader, plain_loss, device, amp_dtype)
-        skipped.update({error.path: error for error in result.errors})
-        log(f"epoch {epoch + 1}: train loss {result.loss:.4f} acc {result.accuracy:.4f}, val loss {val_loss:.4f} "
-            f"acc {val_accuracy:.4f}, {result.images / result.seconds:.1f} img/s")
-        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
-            save_model(run_dir, model, RunMeta(config.model, train_images.class_names, preprocess, 1.0, "finetune"))
-        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
-            **tracker.state(epoch), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": _rng_state()})
-        reason = tracker.should_stop(result.seconds)
-        if reason:
-            log(reason)
-            break
-    tracker.writer.close()
-    from catdog.checkpoint import load_model
-
-    best, _ = load_model(run_dir, device)
-    model.load_state_dict(best.state_dict())
-    val_logits, val_labels, _, errors = predict_logits(model, val_loader, device, amp_dtype)
-    skipped.update({error.path: error for error in errors})
-    model.cpu()
-    return tracker.history, list(skipped.values()), val_logits, val_labels

@@ -22,17 +22,16 @@ from catdog.data import discover, stratified_split
 from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic
 from catdog.models import create_model
 from catdog.train import (
-    FeatureBatches,
     TrainConfig,
     build_optimizer,
     build_scheduler,
     evaluate,
-    load_head_data,
     resolve_device,
     resolve_preprocess,
     seed_everything,
     train_one_epoch,
 )
+from catdog.train_head import FeatureBatches, load_head_data
 
 
 @dataclass

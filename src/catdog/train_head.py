@@ -1,0 +1,158 @@
+"""The head strategy: a linear head trained on cached features of the frozen pretrained backbone.
+
+The features of every training and validation photo (and its mirror image, with --flip) come from the feature
+cache or one pass of the backbone (`features.py`); the head then trains on those vectors with the shared loop of
+`train.py`, in seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from catdog.checkpoint import LAST_CHECKPOINT_FILE, save_training_state
+from catdog.data import Batch, DataError, LabelledImages, default_num_workers
+from catdog.images import ImageLoadError
+from catdog.models import Classifier
+from catdog.train import (
+    TrainConfig,
+    Tracker,
+    build_loss_function,
+    build_optimizer,
+    build_scheduler,
+    epoch_generator,
+    evaluate,
+    progress_bar,
+    rng_state,
+    sampling_weights,
+    seed_epoch,
+    train_one_epoch,
+)
+from catdog.transforms import Preprocess
+
+
+class FeatureBatches:
+    """Mini-batches of cached feature vectors, shaped like image batches so the same loop trains on them."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int = 0, epoch: int = 0, weights: torch.Tensor | None = None):
+        self.features, self.labels, self.batch_size = features, labels, batch_size
+        self.shuffle, self.seed, self.epoch, self.weights = shuffle, seed, epoch, weights
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        generator = epoch_generator(self.seed, self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, len(self.labels), replacement=True, generator=generator)
+        elif self.shuffle:
+            order = torch.randperm(len(self.labels), generator=generator)
+        else:
+            order = torch.arange(len(self.labels))
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start : start + self.batch_size]
+            yield Batch(self.features[chosen], self.labels[chosen], chosen, [])
+
+
+@dataclass
+class HeadData:
+    """Cached features ready for head training: each view of a training image is one sample; validation keeps
+    the views together ([images, views, dim]) so evaluation averages their logits."""
+
+    train_samples: torch.Tensor
+    train_labels: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    skipped: list[ImageLoadError]
+
+
+def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
+                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData:
+    """Features of every training and validation photo, from the cache or the backbone. With a deadline the
+    extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log."""
+    from catdog.features import default_cache_dir, extract_features
+
+    views = ("original", "flipped") if config.flip else ("original",)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
+    # One pass over train and validation images together: one decoder process, one ONNX Runtime session.
+    all_paths = train_images.paths + val_images.paths
+    with progress_bar(config.progress, len(all_paths), "features") as bar:
+        feature_set = extract_features(all_paths, backbone, config.model, preprocess, views, device=device,
+                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update,
+                                       deadline=deadline, seed=config.seed)
+    log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
+        f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
+    count = len(train_images)
+    if feature_set.not_reached:
+        in_train = sum(1 for i in feature_set.not_reached if i < count)
+        log(f"time budget: {len(feature_set.not_reached)} of {len(all_paths)} photos not reached ({in_train} train, "
+            f"{len(feature_set.not_reached) - in_train} validation), left out of this run; a rerun continues from the cache")
+    extracted = {"train": replace(feature_set, features=feature_set.features[:count]),
+                 "val": replace(feature_set, features=feature_set.features[count:])}
+
+    def usable(name: str, part: LabelledImages) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = extracted[name].valid_mask()
+        labels = torch.tensor(part.labels)[torch.from_numpy(mask)]
+        lost = set(range(len(part.class_names))) - set(labels.tolist())
+        if lost:
+            why = "was not reached within --time-budget" if feature_set.not_reached else "failed to load"
+            raise DataError(f"every {name} image of class(es) {[part.class_names[i] for i in lost]} {why}")
+        return torch.from_numpy(extracted[name].features[mask]), labels
+
+    train_features, train_labels = usable("train", train_images)
+    val_features, val_labels = usable("val", val_images)
+    return HeadData(train_features.reshape(-1, train_features.shape[-1]), train_labels.repeat_interleave(len(views)),
+                    val_features, val_labels, feature_set.errors)
+
+
+def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
+               val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+    # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
+    extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
+    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline)
+    train_samples, train_sample_labels = data.train_samples, data.train_labels
+    val_features, val_labels, skipped = data.val_features, data.val_labels, data.skipped
+    head = model.head
+    loss_function = build_loss_function(config, train_sample_labels.tolist(), len(train_images.class_names))
+    optimizer = build_optimizer(head.parameters(), config)
+    steps_per_epoch = math.ceil(len(train_sample_labels) / config.batch_size)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    tracker = Tracker(config, run_dir, resume_state, deadline)
+    best_head = {k: v.clone() for k, v in head.state_dict().items()}
+    if resume_state:
+        head.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        best_head = resume_state["best_model"]
+    sample_weights = sampling_weights(config, train_sample_labels, len(train_images.class_names))
+    val_batches = FeatureBatches(val_features, val_labels, 1024, shuffle=False)
+    plain_loss = nn.CrossEntropyLoss()
+    for epoch in range(tracker.start_epoch, config.epochs):
+        seed_epoch(config.seed, epoch)
+        batches = FeatureBatches(train_samples, train_sample_labels, config.batch_size, True, config.seed, epoch, sample_weights)
+        result = train_one_epoch(head, batches, optimizer, scheduler, loss_function, torch.device("cpu"), config.grad_clip)
+        val_loss, val_accuracy, _, _ = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
+        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
+            best_head = {k: v.clone() for k, v in head.state_dict().items()}
+        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
+            **tracker.state(epoch), "model": head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "best_model": best_head, "rng": rng_state()})
+        reason = tracker.should_stop(result.seconds)
+        if reason:
+            log(reason)
+            break
+    if tracker.history:
+        best = min(tracker.history, key=lambda row: row["val_loss"])
+        log(f"head: {len(tracker.history)} epochs, best epoch {best['epoch']} val loss {best['val_loss']:.4f} "
+            f"accuracy {best['val_accuracy']:.4f}")
+    head.load_state_dict(best_head)
+    tracker.writer.close()
+    _, _, val_logits, val_label_tensor = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
+    return tracker.history, skipped, val_logits, val_label_tensor
