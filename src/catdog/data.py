@@ -11,7 +11,9 @@ Supported layouts (detected automatically, overridable with `layout=`):
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import stat
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,21 +75,33 @@ def is_hidden(path: Path) -> bool:
 def find_image_files(folder: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files under `folder`, sorted, with what was deliberately left out and why.
 
-    Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) are skipped; so are directories named like images,
-    files without an image extension, and symbolic links that lead outside `folder` (a folder of user data should
-    not make catdog read files elsewhere on the machine).
+    Symbolic links are followed wherever they lead: folders of links are normal for local data (a read-only Kaggle
+    input linked into a working folder, subsets made with `ln -s`). Broken links and link loops are left out and
+    reported, and a folder reached a second time through a link is searched only once (so a link back to a parent
+    cannot make the walk endless). Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints`) are skipped; so are
+    directories named like images and files without an image extension.
     """
     folder = Path(folder)
-    resolved_root = folder.resolve()
     found: list[Path] = []
     ignored: list[tuple[str, str]] = []
-    for directory, subdirectories, filenames in os.walk(folder, followlinks=False):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        if not recursive:
-            subdirectories[:] = []
-        for subdirectory in subdirectories:
+    # A link to the folder or to any folder above it would make the walk endless: those count as loops from the start.
+    above = {os.path.realpath(path) for path in (folder.absolute(), *folder.absolute().parents)}
+    searched = set(above)
+    for directory, subdirectories, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        candidates = sorted(d for d in subdirectories if not d.startswith(".")) if recursive else []
+        for subdirectory in candidates:
+            path = Path(directory) / subdirectory
             if has_image_extension(subdirectory):
-                ignored.append((str(Path(directory) / subdirectory), "directory named like an image"))
+                ignored.append((str(path), "directory named like an image"))
+            target = os.path.realpath(path)
+            if target in searched:
+                loop = target in above or Path(os.path.realpath(directory)).is_relative_to(target)
+                ignored.append((str(path), "symbolic link loop" if loop else "folder already searched through another link"))
+                continue
+            searched.add(target)
+            kept.append(subdirectory)
+        subdirectories[:] = kept
         for filename in sorted(filenames):
             path = Path(directory) / filename
             if filename.startswith("."):
@@ -97,15 +111,29 @@ def find_image_files(folder: Path, recursive: bool = True) -> tuple[list[Path], 
                 ignored.append((str(path), "not an image file name"))
                 continue
             if path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(resolved_root):
-                    ignored.append((str(path), "symbolic link leading outside the folder"))
-                    continue
-                if not target.is_file():
-                    ignored.append((str(path), "broken symbolic link"))
+                problem = broken_link_problem(path)
+                if problem:
+                    ignored.append((str(path), problem))
                     continue
             found.append(path)
     return found, ignored
+
+
+def broken_link_problem(path: Path) -> str | None:
+    """Why the symbolic link `path` leads to no file ("broken symbolic link", "symbolic link loop"), or None."""
+    try:
+        target = path.stat()  # follows the whole chain of links
+    except OSError as error:
+        return "symbolic link loop" if error.errno == errno.ELOOP else "broken symbolic link"
+    return None if stat.S_ISREG(target.st_mode) else "symbolic link to something that is not a file"
+
+
+def describe_left_out(ignored: Sequence[tuple[str, str]]) -> str:
+    """'3 files left out: 2 broken symbolic link, 1 symbolic link loop' (empty when nothing was left out)."""
+    if not ignored:
+        return ""
+    reasons = Counter(why for _, why in ignored)
+    return f"{len(ignored)} left out: " + ", ".join(f"{count} {why}" for why, count in reasons.most_common())
 
 
 def discover(root: str | os.PathLike, layout: str = "auto") -> LabelledImages:
@@ -127,7 +155,8 @@ def discover(root: str | os.PathLike, layout: str = "auto") -> LabelledImages:
         raise DataError(f"{root}: found {len(images.class_names)} class(es) {images.class_names}; need at least two")
     empty = [name for name, count in images.class_counts().items() if count == 0]
     if empty:
-        raise DataError(f"{root}: classes without any image: {', '.join(empty)}")
+        left_out = describe_left_out(images.ignored)
+        raise DataError(f"{root}: classes without any image: {', '.join(empty)}" + (f"; {left_out}" if left_out else ""))
     return images
 
 
@@ -137,7 +166,8 @@ def detect_layout(root: Path) -> tuple[str, Path]:
             return "csv", root
         raise DataError(f"{root}: a file, but not a CSV manifest (.csv)")
     children = sorted(p for p in root.iterdir() if not is_hidden(p))
-    files = [p for p in children if p.is_file() and has_image_extension(p.name)]
+    # Broken links count as files here, so that a folder of them is read and its error says what was left out.
+    files = [p for p in children if (p.is_file() or p.is_symlink()) and not p.is_dir() and has_image_extension(p.name)]
     folders = [p for p in children if p.is_dir()]
     if files and sum(bool(_KAGGLE_NAME.match(p.name)) for p in files) >= 0.5 * len(files):
         return "kaggle", root
@@ -208,7 +238,8 @@ def _build(
     keep_empty_classes: Sequence[str] = (),
 ) -> LabelledImages:
     if not labelled:
-        raise DataError(f"{root}: no images found (layout {layout})")
+        left_out = describe_left_out(ignored)
+        raise DataError(f"{root}: no images found (layout {layout})" + (f"; {left_out}" if left_out else ""))
     class_names = sorted({label for _, label in labelled} | set(keep_empty_classes))
     index = {name: i for i, name in enumerate(class_names)}
     return LabelledImages(

@@ -7,6 +7,7 @@ processes while the model runs on the previous batch, and reports files that fai
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import re
 import sys
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader
 from catdog import __version__
 from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, load_model, read_meta
 from catdog.config import option
-from catdog.data import ImageFileDataset, collate_skipping_bad_images, find_image_files
+from catdog.data import (DataError, ImageFileDataset, broken_link_problem, collate_skipping_bad_images, describe_left_out,
+                         find_image_files)
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError
 from catdog.models import MODEL_SPECS, ZERO_TRAINING_MODEL_NAME, create_zero_training_model
@@ -160,9 +162,9 @@ def load_predictor(run: str | None, backend: str = "auto", device: str = "auto",
 class PredictConfig:
     paths: list[str] = option([], "image files and/or folders (searched recursively)")
     run: str = option("", "run directory; empty: the built-in zero-training cat/dog model")
-    output: str = option("predictions.csv", "CSV of path,label,confidence,prob_<class>...")
+    output: str = option("predictions.csv", "CSV of path,label,confidence,prob_<class>...; -: standard output (messages go to standard error)")
     submission: str = option("", "also write a Kaggle submission CSV (id,label = probability of dog)")
-    errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv")
+    errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv (none with --output -)")
     clip: float = option(0.005, "submission: clip probabilities to [clip, 1 - clip] (bounds the log-loss penalty)")
     tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
     backend: str = option("auto", "auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
@@ -180,21 +182,29 @@ class PredictConfig:
             raise ValueError("--batch-size must be at least 1")
 
 
+# Left out without a word: a folder's hidden files and non-image names are not meant as input.
+QUIET_REASONS = ("hidden file", "not an image file name")
+PRINT_EACH_FILE_UP_TO = 20  # with this many files or fewer, predict also prints one line per file
+
+
 def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand folders recursively; keep explicitly named files even with odd extensions (the loader decides)."""
+    """Expand folders recursively; keep explicitly named files even with odd extensions (the loader decides).
+    Returns the files and what was left out, with why (including the quiet reasons)."""
     paths: list[Path] = []
-    problems: list[tuple[str, str]] = []
+    left_out: list[tuple[str, str]] = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
             found, ignored = find_image_files(path)
             paths.extend(found)
-            problems.extend((p, why) for p, why in ignored if why not in ("hidden file", "not an image file name"))
+            left_out.extend(ignored)
         elif path.exists():
             paths.append(path)
+        elif path.is_symlink():
+            left_out.append((argument, broken_link_problem(path) or "broken symbolic link"))
         else:
-            problems.append((argument, "file not found"))
-    return paths, problems
+            left_out.append((argument, "file not found"))
+    return paths, left_out
 
 
 def kaggle_id(path: Path) -> str:
@@ -202,9 +212,19 @@ def kaggle_id(path: Path) -> str:
     return numbers[-1] if numbers else path.stem
 
 
-def run_predict(config: PredictConfig, log=print) -> int:
-    """Predict every readable file; return the process exit code (0, or EXIT_SOME_FILES_FAILED)."""
-    paths, problems = collect_inputs(config.paths)
+def run_predict(config: PredictConfig, log: Callable[[str], None] | None = None) -> int:
+    """Predict every readable file; return the process exit code (0, or EXIT_SOME_FILES_FAILED).
+    With `--output -` the CSV goes to standard output and every message to standard error."""
+    to_stdout = config.output == "-"
+    if log is None:
+        stream = sys.stderr if to_stdout else sys.stdout
+        log = lambda message: print(message, file=stream)  # noqa: E731
+    if config.run:
+        check_not_pickle(config.run)  # the more fundamental mistake is named first
+    paths, left_out = collect_inputs(config.paths)
+    if not paths:
+        summary = describe_left_out(left_out)
+        raise DataError(f"no images to predict in {', '.join(config.paths)}" + (f"; {summary}" if summary else ""))
     predictor = load_predictor(config.run, config.backend, config.device)
     log(f"predicting {len(paths)} images with {predictor.describe()}")
     from tqdm.auto import tqdm
@@ -217,20 +237,34 @@ def run_predict(config: PredictConfig, log=print) -> int:
     for index, probabilities in zip(outcome.indices, outcome.probabilities):
         best = int(probabilities.argmax())
         rows.append([str(paths[index]), names[best], f"{probabilities[best]:.6f}"] + [f"{p:.6f}" for p in probabilities])
-    write_csv_atomic(config.output, header, rows)
+    if to_stdout:
+        csv.writer(sys.stdout).writerows([header] + rows)
+    else:
+        write_csv_atomic(config.output, header, rows)
+        if len(paths) <= PRINT_EACH_FILE_UP_TO:
+            print_predictions(rows)
     if config.submission:
         write_submission(config.submission, [paths[i] for i in outcome.indices], outcome.probabilities, names, config.clip)
-    failures = [(e.path, e.reason, e.detail) for e in outcome.errors] + [(p, why, "") for p, why in problems]
-    errors_path = config.errors or str(Path(config.output).with_suffix("")) + ".errors.csv"
+    failures = [(e.path, e.reason, e.detail) for e in outcome.errors] + [
+        (path, why, "") for path, why in left_out if why not in QUIET_REASONS]
+    errors_path = config.errors or ("" if to_stdout else str(Path(config.output).with_suffix("")) + ".errors.csv")
     if failures:
-        write_csv_atomic(errors_path, ["path", "reason", "detail"], failures)
+        if errors_path:
+            write_csv_atomic(errors_path, ["path", "reason", "detail"], failures)
         for path, reason, detail in failures:
             print(f"error: {path}: {reason}" + (f" ({detail})" if detail else ""), file=sys.stderr)
     rate = len(paths) / max(outcome.seconds, 1e-9)
-    log(f"wrote {len(rows)} predictions to {config.output} ({rate:.1f} images/s)"
+    log(f"wrote {len(rows)} predictions to {'standard output' if to_stdout else config.output} ({rate:.1f} images/s)"
         + (f"; submission {config.submission}" if config.submission else "")
-        + (f"; {len(failures)} failed, listed in {errors_path}" if failures else ""))
+        + (f"; {len(failures)} failed" + (f", listed in {errors_path}" if errors_path else "") if failures else ""))
     return EXIT_SOME_FILES_FAILED if failures else 0
+
+
+def print_predictions(rows: Sequence[Sequence[str]]) -> None:
+    """One line per file for a person at the terminal: path, label, confidence, the paths aligned."""
+    width = max(len(row[0]) for row in rows) if rows else 0
+    for path, label, confidence, *_ in rows:
+        print(f"{path:<{width}}  {label}  {float(confidence):.3f}")
 
 
 def write_submission(path: str, paths: Sequence[Path], probabilities: np.ndarray, class_names: list[str], clip: float) -> None:
