@@ -1,14 +1,18 @@
 """The FastAPI application: configuration, lifespan (model loaded and warmed once, at start-up), error handling
-and the uvicorn server with graceful shutdown.
+and the uvicorn server with graceful shutdown, in one process or several (`--workers`).
 
-Every error is JSON `{"error": ..., "detail": ...}` with a 4xx status that says what was wrong; an unexpected
-exception still answers JSON, and is logged, rather than killing the process.
+Every error is JSON `{"error": ..., "detail": ...}` (`schemas.ErrorBody`) with a 4xx status that says what was
+wrong; an unexpected exception still answers JSON, and is logged, rather than killing the process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,15 +20,19 @@ from dataclasses import dataclass
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import catdog
 from catdog.config import option
 from catdog.images import DEFAULT_MAX_PIXELS
+from catdog.serve.access import API_KEY_ENVIRONMENT_VARIABLE, AccessMiddleware, document_api_key, is_loopback
 from catdog.serve.batching import MicroBatcher
 from catdog.serve.observability import ServiceMetrics
+from catdog.serve.schemas import error_response
 
 logger = logging.getLogger("catdog.serve")
+# `--workers N` starts N processes that each build the app from this variable (the config as JSON).
+CONFIG_ENVIRONMENT_VARIABLE = "CATDOG_SERVE_CONFIG"
 
 
 @dataclass
@@ -42,18 +50,38 @@ class ServeConfig:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (larger: 413)")
     decode_threads: int = option(2, "threads decoding uploads")
     tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
+    workers: int = option(1, "server processes on the one port, each with its own model (uvicorn's workers); "
+                             "on a bigger machine: cores / threads per worker")
+    threads: int = option(0, "inference threads per worker; 0: all cores with one worker, else the cores shared out")
+    api_key: str = option("", f"require 'Authorization: Bearer <key>' on every endpoint but /health, /ready and "
+                              f"the page; default: ${API_KEY_ENVIRONMENT_VARIABLE} (safer: not shown by ps)")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError("--port must be in 1..65535")
         if self.max_batch_size < 1 or self.max_queue < 1 or self.max_batch_files < 1 or self.decode_threads < 1:
             raise ValueError("batch size, queue, batch files and decode threads must be at least 1")
+        if self.workers < 1 or self.threads < 0:
+            raise ValueError("--workers must be at least 1 and --threads not negative")
+        self.api_key = self.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE, "")
+        if self.api_key != self.api_key.strip() or any(not 0x21 <= ord(c) <= 0x7E for c in self.api_key):
+            raise ValueError(f"--api-key / {API_KEY_ENVIRONMENT_VARIABLE} must be printable ASCII without spaces "
+                             "(it travels in an HTTP header)")
         if self.max_upload_mb <= 0 or self.max_wait_ms < 0:
             raise ValueError("--max-upload-mb must be positive and --max-wait-ms not negative")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def inference_threads(self) -> int | None:
+        """Threads for one worker's model; None leaves torch's default (all cores) for a single worker."""
+        if self.threads:
+            return self.threads
+        if self.workers == 1:
+            return None
+        return max(1, len(os.sched_getaffinity(0)) // self.workers)
 
 
 @dataclass
@@ -68,10 +96,6 @@ class ServiceState:
     ready: bool = False
 
 
-def error_response(status: int, error: str, detail: str = "", headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
-
-
 def create_app(config: ServeConfig, predictor=None) -> FastAPI:
     """The app. `predictor` may be given (tests); otherwise it is loaded from `config.run` in the lifespan."""
     from catdog.predict import load_predictor
@@ -81,6 +105,8 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if config.inference_threads:
+            torch.set_num_threads(config.inference_threads)  # ONNX Runtime's session takes the same count
         loaded = predictor or await asyncio.to_thread(load_predictor, config.run, config.backend, config.device)
 
         def predict_batch(images: torch.Tensor):
@@ -99,9 +125,18 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
         await batcher.stop()
         state.decoder.shutdown(wait=False)
 
-    app = FastAPI(title="catdog", description="Image classification service", lifespan=lifespan)
+    app = FastAPI(title="catdog", description="Image classification service", version=catdog.__version__, lifespan=lifespan)
     app.include_router(routes_predict.router)
     app.include_router(routes_health.router)
+    if config.api_key:
+        plain_openapi = app.openapi
+
+        def openapi_with_api_key() -> dict:
+            if app.openapi_schema is None:
+                app.openapi_schema = document_api_key(plain_openapi())
+            return app.openapi_schema
+
+        app.openapi = openapi_with_api_key
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -115,7 +150,7 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception):
-        logger.exception("unexpected error on %s", request.url.path)
+        logger.exception("unexpected error on %s (request_id=%s)", request.url.path, getattr(request.state, "request_id", "-"))
         return error_response(500, "internal error", type(error).__name__)
 
     @app.middleware("http")
@@ -129,12 +164,48 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
         metrics.latency.labels(route).observe(time.perf_counter() - started)
         return response
 
+    # Added last, so outermost: the 401 is answered before any other work, and every answer gets its request id.
+    app.add_middleware(AccessMiddleware, api_key=config.api_key)
     return app
 
 
+def create_app_from_env() -> FastAPI:
+    """The app of one `--workers` process: uvicorn imports this factory in each worker it starts."""
+    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT_VARIABLE])))
+
+
+def exposure_warning(config: ServeConfig) -> str | None:
+    if is_loopback(config.host) or config.api_key:
+        return None
+    return (f"catdog serve: warning: binding to {config.host} without an API key: anyone who reaches this port can use "
+            f"the service; set {API_KEY_ENVIRONMENT_VARIABLE} or --api-key")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+
+
 def run_server(config: ServeConfig) -> None:
-    """uvicorn with readiness turned false as soon as SIGTERM/SIGINT arrives; in-flight requests then finish."""
+    """uvicorn in this process (readiness turns false as soon as SIGTERM/SIGINT arrives; in-flight requests then
+    finish), or with `--workers N` uvicorn's supervisor and N worker processes sharing the port."""
     import uvicorn
+
+    warning = exposure_warning(config)
+    if warning:
+        print(warning, file=sys.stderr)
+    log_config = {"version": 1, "disable_existing_loggers": False,
+                  "formatters": {"plain": {"format": LOG_FORMAT}},
+                  "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+                  "loggers": {"catdog": {"handlers": ["stderr"], "level": "INFO"},
+                              "uvicorn": {"handlers": ["stderr"], "level": "INFO"}}}
+    # access_log=False: the access middleware writes the request lines, with their request ids, instead.
+    settings = dict(host=config.host, port=config.port, log_config=log_config, access_log=False,
+                    timeout_graceful_shutdown=30)
+    print(f"catdog serve on http://{config.host}:{config.port}/ (model: {config.run or 'built-in zero-training cat/dog model'}"
+          f"{f', {config.workers} workers' if config.workers > 1 else ''}{', API key required' if config.api_key else ''})")
+    if config.workers > 1:
+        os.environ[CONFIG_ENVIRONMENT_VARIABLE] = json.dumps(dataclasses.asdict(config))
+        uvicorn.run("catdog.serve.app:create_app_from_env", factory=True, workers=config.workers, **settings)
+        return
 
     app = create_app(config)
 
@@ -145,8 +216,4 @@ def run_server(config: ServeConfig) -> None:
                 service.ready = False
             super().handle_exit(sig, frame)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=30))
-    print(f"catdog serve on http://{config.host}:{config.port}/ (model: {config.run or 'built-in zero-training cat/dog model'})")
-    server.run()
+    GracefulServer(uvicorn.Config(app, **settings)).run()

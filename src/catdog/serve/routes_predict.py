@@ -11,8 +11,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
 from catdog.images import ImageLoadError, load_image
-from catdog.serve.app import error_response
 from catdog.serve.batching import Overloaded
+from catdog.serve.schemas import PREDICT_ERROR_RESPONSES, BatchResult, Prediction, error_response
 
 router = APIRouter()
 MULTIPART_OVERHEAD = 64 * 1024
@@ -122,15 +122,21 @@ def not_ready(service) -> JSONResponse | None:
     return None
 
 
-UPLOAD_DOC = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
-    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+# The routes read the body themselves (to refuse oversized uploads before reading them whole), so the request
+# bodies are documented here rather than derived from parameters.
+IMAGE_FILE = {"type": "string", "format": "binary", "description": "a JPEG, PNG, WebP, BMP, GIF or TIFF image"}
+UPLOAD_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": IMAGE_FILE}, "required": ["file"]}},
+    "image/jpeg": {"schema": IMAGE_FILE},
+    "image/png": {"schema": IMAGE_FILE},
 }}}
-BATCH_DOC = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object", "properties": {
-    "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["files"]}}}}}
+BATCH_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"files": {"type": "array", "items": IMAGE_FILE, "minItems": 1}},
+    "required": ["files"]}}}}}
 
 
-@router.post("/predict", openapi_extra=UPLOAD_DOC, tags=["prediction"])
+@router.post("/predict", openapi_extra=UPLOAD_DOC, tags=["prediction"], response_model=Prediction,
+             responses=PREDICT_ERROR_RESPONSES)
 async def predict(request: Request):
     """Classify one image: multipart field `file`, or the raw image as the request body."""
     service = getattr(request.app.state, "service", None)
@@ -146,7 +152,9 @@ async def predict(request: Request):
         return error_response(422, "one file expected", "use /predict/batch for several files")
 
 
-@router.post("/predict/batch", openapi_extra=BATCH_DOC, tags=["prediction"])
+@router.post("/predict/batch", openapi_extra=BATCH_DOC, tags=["prediction"], response_model=BatchResult,
+             responses={**PREDICT_ERROR_RESPONSES, 413: {**PREDICT_ERROR_RESPONSES[413], "description":
+                        "more files than --max-batch-files, or the request over its size limit"}})
 async def predict_batch(request: Request):
     """Classify several images (multipart fields `files`, or repeated `file`): one result or one error per file, in order."""
     service = getattr(request.app.state, "service", None)
