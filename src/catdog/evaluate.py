@@ -178,9 +178,12 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _pyplot():
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend stays: switching it hides its own plots
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

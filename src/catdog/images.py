@@ -154,3 +154,9 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
         scaled = np.clip(values, 0, maximum) * (255.0 / maximum)
     gray = Image.fromarray(np.round(scaled).astype(np.uint8))
     return gray.convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image already in memory (the Python API's PIL inputs) converted to 8-bit RGB by the same rules as
+    `load_image`: EXIF orientation, transparency on white, 16-bit scaled by its depth."""
+    return _to_rgb(ImageOps.exif_transpose(image))

@@ -101,9 +101,12 @@ def format_report(report: dict) -> str:
 
 def save_sample_grid(images, path: Path, per_class: int, seed: int, tile: int = 128) -> None:
     """One row per class, `per_class` random images each, labelled with the class name."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend stays: switching it hides its own plots
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     generator = random.Random(seed)

@@ -1,0 +1,264 @@
+"""The Python API: catdog from a notebook or a script.
+
+    import catdog
+
+    run = catdog.train(data="data/train", preset="fast", run_dir="runs/fast")   # a Run: path, config, metrics
+    metrics = catdog.evaluate(run)                                              # metrics.json's content
+    model = catdog.load(run)                                                    # catdog.load() alone: built-in model
+    model.predict(["photos/1.jpg", "more-photos/", pil_image])                  # one Prediction per image
+    model.explain("photos/1.jpg")                                               # Grad-CAM of the predicted class
+    study = catdog.tune(data="data/train", preset="fast", trials=10)            # best_params train() accepts
+
+Every function fills the command's own config dataclass (`TrainConfig`, `EvaluateConfig`, `TuneConfig`) from its
+keyword arguments and calls the same function the `catdog` command calls, so the API and the command line take the
+same options, validate them the same way and cannot drift apart. Keyword names are the command's option names
+with underscores (`--val-fraction` is `val_fraction=`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from catdog.checkpoint import RunMeta
+    from catdog.predict import Predictor
+
+Log = Union[Callable[[str], None], None]
+
+
+def _quiet(message: str) -> None:
+    """The `log` used for `log=None`: progress messages go nowhere."""
+
+
+def _config(config_class: type, command: str, values: dict[str, Any]):
+    """`config_class(**values)`, but an unknown keyword names the command's valid options instead of Python's bare
+    "unexpected keyword argument"."""
+    names = [field.name for field in dataclasses.fields(config_class)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise TypeError(f"catdog.{command}() got unknown option(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    return config_class(**values)
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run directory: where it is, how it was trained and its validation figures.
+
+    path: the run directory (model.safetensors, meta.json, config.json, history.csv, split.json, ...).
+    config: the resolved training configuration (config.json), including the strategy and device used.
+    metrics: validation figures at the best epoch (accuracy, log_loss, roc_auc, macro_f1).
+    meta: what the model needs to be used again (model name, class names, preprocessing, temperature).
+    """
+
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    meta: "RunMeta"
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        """The run in `path`; `RunError` if it is not a catdog run directory."""
+        from catdog.checkpoint import check_not_pickle, read_meta
+
+        check_not_pickle(path)
+        path = Path(path)
+        meta = read_meta(path)
+        config_path = path / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        return cls(path, config, dict(meta.metrics), meta)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.class_names)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One row per epoch from history.csv (empty when the run has none)."""
+        history_path = self.path / "history.csv"
+        if not history_path.is_file():
+            return []
+        with open(history_path, newline="") as stream:
+            return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                    for row in csv.DictReader(stream)]
+
+    def __repr__(self) -> str:
+        figures = ", ".join(f"{key} {value:.4f}" for key, value in self.metrics.items() if isinstance(value, float))
+        return f"Run({str(self.path)!r}: {self.meta.model_name}, {self.meta.strategy}; {figures})"
+
+
+RunLike = Union[Run, str, os.PathLike]
+
+
+def _run_path(run: RunLike) -> Path:
+    return run.path if isinstance(run, Run) else Path(run)
+
+
+def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str | os.PathLike | None = None,
+          log: Log = print, **options: Any) -> Run:
+    """Train a classifier, as `catdog train` does, and return the run.
+
+    data: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest `path,label`.
+    preset: "fast" (EfficientNet-Lite0 features) or "default" (Lite2 features at 300 px, more accurate).
+    run_dir: the run directory to create (the command's `--out`; default runs/latest).
+    log: called with each progress message; None for silence.
+    options: any other `catdog train` option, e.g. `epochs=10`, `strategy="finetune"`, `progress=False`.
+    """
+    from catdog.train import TrainConfig
+    from catdog.train import train as train_command
+
+    if run_dir is not None:
+        if "out" in options:
+            raise TypeError("catdog.train() takes run_dir or out, not both")
+        options["out"] = str(run_dir)
+    config = _config(TrainConfig, "train", {"data": str(data), "preset": preset, **options})
+    result = train_command(config, log=log or _quiet)
+    return Run.open(result.run_dir)
+
+
+def evaluate(run: RunLike, data: str | os.PathLike | None = None, *, log: Log = print, **options: Any) -> dict[str, Any]:
+    """Score a run on labelled data, as `catdog evaluate` does; return its metrics (metrics.json's content).
+
+    data: labelled images; None: the run's own validation split.
+    options: any other `catdog evaluate` option, e.g. `out="folder"` (default: <run>/evaluation, which also holds
+    confusion_matrix.png, roc.png, mistakes.png and predictions.csv), `tta=False`.
+    """
+    from catdog.evaluate import EvaluateConfig, evaluate_run
+
+    values = {"run": str(_run_path(run)), "data": str(data) if data else "", **options}
+    return evaluate_run(_config(EvaluateConfig, "evaluate", values), log=log or _quiet)
+
+
+def tune(data: str | os.PathLike, *, log: Log = print, **options: Any) -> dict[str, Any]:
+    """Search hyper-parameters with Optuna, as `catdog tune` does; return the study's summary.
+
+    The summary's `best_params` are `catdog.train` options: `catdog.train(data, **study["best_params"])`.
+    options: any other `catdog tune` option, e.g. `preset="fast"`, `trials=10`, `out="runs/tune"`.
+    """
+    from catdog.tune import TuneConfig, run_tuning
+
+    return run_tuning(_config(TuneConfig, "tune", {"data": str(data), **options}), log=log or _quiet)
+
+
+# ---------------------------------------------------------------- prediction
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction. path: the file, or None for an in-memory image without a file name."""
+
+    path: str | None
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+ImageInput = Union[str, os.PathLike, "Image.Image"]
+
+
+class Model:
+    """A trained run's model (or the built-in one) ready to classify photos; made by `catdog.load`.
+
+    The `predictor` attribute is the `catdog.predict.Predictor` that `catdog predict` and `catdog serve` use, so
+    `catdog.serve.app.create_app(ServeConfig(), predictor=model.predictor)` serves the same model.
+    """
+
+    def __init__(self, predictor: "Predictor", run: Run | None):
+        self.predictor = predictor
+        self.run = run
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.predictor.class_names)
+
+    def __repr__(self) -> str:
+        where = f" from {self.run.path}" if self.run else ""
+        return f"Model({self.predictor.describe()}{where})"
+
+    def predict(self, inputs: ImageInput | Iterable[ImageInput], *, tta: bool | None = None, batch_size: int = 64,
+                skip_unreadable: bool = False) -> list[Prediction]:
+        """Classify images: a path to a file or a folder (searched recursively), a PIL image, or a list of those.
+
+        Returns one `Prediction` per image, in input order (a folder's images in file-name order). An unreadable
+        or missing file raises `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves
+        them out with a warning. tta: average each image with its mirror image; None: as the run was validated.
+        """
+        from PIL import Image
+
+        from catdog.images import ImageLoadError, to_rgb
+        from catdog.predict import collect_inputs
+
+        items = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
+        files: list[Path] = []
+        pictures: list[Image.Image] = []
+        order: list[tuple[str, int]] = []  # ("file", position in files) or ("picture", position in pictures)
+        problems: list[tuple[str, str]] = []
+        for item in items:
+            if isinstance(item, Image.Image):
+                order.append(("picture", len(pictures)))
+                pictures.append(item)
+            elif isinstance(item, (str, os.PathLike)):
+                found, missing = collect_inputs([str(item)])
+                problems.extend(missing)
+                order.extend(("file", len(files) + offset) for offset in range(len(found)))
+                files.extend(found)
+            else:
+                raise TypeError(f"predict() takes paths, folders or PIL images, not {type(item).__name__}")
+
+        by_file: dict[int, Any] = {}
+        if files:
+            outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta)
+            by_file = dict(zip(outcome.indices, outcome.probabilities))
+            problems.extend((str(error.path), error.reason) for error in outcome.errors)
+        by_picture = []
+        for start in range(0, len(pictures), batch_size):
+            batch = [to_rgb(picture) for picture in pictures[start:start + batch_size]]
+            by_picture.extend(self.predictor.predict_pil(batch, tta))
+        if problems:
+            listing = "; ".join(f"{path}: {reason}" for path, reason in problems)
+            if not skip_unreadable:
+                raise ImageLoadError(problems[0][0], problems[0][1], f"{len(problems)} input(s) unusable: {listing}")
+            warnings.warn(f"skipped {len(problems)} unusable input(s): {listing}", stacklevel=2)
+
+        predictions = []
+        for kind, position in order:
+            if kind == "file":
+                if position not in by_file:
+                    continue  # unreadable, reported above
+                path, probabilities = str(files[position]), by_file[position]
+            else:
+                path, probabilities = getattr(pictures[position], "filename", "") or None, by_picture[position]
+            best = int(probabilities.argmax())
+            predictions.append(Prediction(path, self.class_names[best], float(probabilities[best]),
+                                          {name: float(p) for name, p in zip(self.class_names, probabilities)}))
+        return predictions
+
+    def explain(self, image: ImageInput, **options: Any):
+        """Grad-CAM of the predicted class for one image (a path or a PIL image); see `catdog.explain`."""
+        from catdog import explain as explain_module
+
+        return explain_module.explain_image(self.predictor, image, **options)
+
+
+def load(run: RunLike | None = None, *, backend: str = "auto", device: str = "auto") -> Model:
+    """A run's model ready to predict, or with no run the built-in zero-training cat/dog model.
+
+    backend: "auto" (ONNX Runtime on a CPU, PyTorch on CUDA), "torch" or "onnxruntime".
+    """
+    from catdog.predict import load_predictor
+
+    if run is None:
+        return Model(load_predictor("", backend, device), None)
+    opened = run if isinstance(run, Run) else Run.open(run)
+    return Model(load_predictor(str(opened.path), backend, device), opened)

@@ -1,0 +1,187 @@
+"""The Python API: `catdog.train/evaluate/tune/load` call the commands' own functions; the package stays lazy; the
+command modules of the same names keep working as modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import colour_image, make_kaggle_folder
+from PIL import Image
+
+import catdog
+from catdog.images import ImageLoadError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def run_python(code: str) -> str:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_catdog_does_not_import_torch_or_the_api():
+    loaded = run_python("import sys, catdog; print(sorted(m for m in ('torch', 'catdog.api', 'catdog.train') if m in sys.modules))")
+    assert loaded.strip() == "[]"
+
+
+@pytest.mark.parametrize("first", ["attribute", "import_as", "from_import"])
+def test_train_evaluate_tune_are_api_functions_and_still_modules(first):
+    """Whichever way a command module is reached first, `catdog.<name>(...)` calls the API while the module's
+    contents stay reachable through every import spelling (a fresh interpreter per order)."""
+    reach_first = {
+        "attribute": "catdog.train; catdog.evaluate; catdog.tune",
+        "import_as": "import catdog.train as t; import catdog.evaluate as e; import catdog.tune as u; assert t.TrainConfig",
+        "from_import": "from catdog.train import TrainConfig; from catdog.evaluate import EvaluateConfig; from catdog.tune import TuneConfig",
+    }[first]
+    code = f"""
+import inspect, types, catdog
+{reach_first}
+import catdog.train as train_module
+from catdog.train import TrainConfig, train as train_command
+from catdog import evaluate
+assert isinstance(train_module, types.ModuleType) and train_module is catdog.train
+assert catdog.train.TrainConfig is TrainConfig and catdog.train.train is train_command
+assert catdog.evaluate.EvaluateConfig and evaluate.evaluate_run and catdog.tune.TuneConfig
+assert "run_dir" in inspect.signature(catdog.train).parameters
+assert "data" in inspect.signature(catdog.evaluate).parameters
+for name in ("train", "evaluate", "tune"):
+    try:
+        getattr(catdog, name)("somewhere", no_such_option=1)
+    except TypeError as error:
+        assert f"catdog.{{name}}() got unknown option(s) no_such_option" in str(error), error
+    else:
+        raise AssertionError(name)
+print("ok")
+"""
+    assert run_python(code).strip() == "ok"
+
+
+def test_monkeypatch_by_dotted_name_reaches_the_module(monkeypatch):
+    import catdog.train
+
+    monkeypatch.setattr("catdog.train.FINETUNE_FROM_TRAIN_IMAGES", 7)
+    assert catdog.train.FINETUNE_FROM_TRAIN_IMAGES == 7
+
+
+@pytest.fixture(scope="module")
+def api_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    data = make_kaggle_folder(root / "train", per_class=14)
+    run = catdog.train(data=data, run_dir=root / "run", model="simple_cnn", strategy="finetune", epochs=3,
+                       batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0, log=None)
+    return run, data
+
+
+def test_train_returns_the_run(api_run):
+    run, data = api_run
+    assert isinstance(run, catdog.Run)
+    assert (run.path / "model.safetensors").is_file()
+    assert run.config["resolved_strategy"] == "finetune" and run.config["epochs"] == 3
+    assert run.config["data"] == str(data)
+    assert 0.0 <= run.metrics["accuracy"] <= 1.0 and run.metrics["log_loss"] > 0
+    assert run.class_names == ["cat", "dog"]
+    assert [row["epoch"] for row in run.history] == [1.0, 2.0, 3.0]
+    assert catdog.Run.open(str(run.path)).metrics == run.metrics
+
+
+def test_train_refuses_bad_options(tmp_path, kaggle_data):
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        catdog.train(data=kaggle_data, preset="huge", run_dir=tmp_path / "run")
+    with pytest.raises(TypeError, match="valid: data, out, preset"):
+        catdog.train(data=kaggle_data, run_dir=tmp_path / "run", learning_rate=0.1)
+    with pytest.raises(TypeError, match="run_dir or out"):
+        catdog.train(data=kaggle_data, run_dir=tmp_path / "run", out=tmp_path / "other")
+
+
+def test_evaluate_returns_what_it_wrote(api_run, tmp_path):
+    run, _ = api_run
+    metrics = catdog.evaluate(run, out=tmp_path / "evaluation", backend="torch", log=None)
+    written = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["accuracy"] == written["accuracy"] and metrics["confusion_matrix"] == written["confusion_matrix"]
+    assert metrics["data"].startswith("validation split")
+    assert sum(map(sum, metrics["confusion_matrix"])) == len(json.loads((run.path / "split.json").read_text())["val"])
+    on_other_data = catdog.evaluate(str(run.path), make_kaggle_folder(tmp_path / "other", per_class=3),
+                                    out=tmp_path / "other-evaluation", backend="torch", log=None)
+    assert sum(map(sum, on_other_data["confusion_matrix"])) == 6
+
+
+def test_predict_files_folders_and_pil_images_in_input_order(api_run, tmp_path):
+    run, data = api_run
+    model = catdog.load(run, backend="torch")
+    assert model.class_names == ["cat", "dog"] and model.run.path == run.path
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        colour_image(1, 900 + index).save(folder / f"{index}.jpg")
+    cat_file = data / "cat.0.jpg"
+    with Image.open(cat_file) as opened:
+        in_memory = opened.copy()  # a copy has no file name
+    rgba = colour_image(1, 950).convert("RGBA")
+
+    predictions = model.predict([cat_file, str(folder), in_memory, rgba])
+
+    assert [p.path for p in predictions] == [str(cat_file)] + [str(folder / f"{i}.jpg") for i in range(3)] + [None, None]
+    for prediction in predictions:
+        assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert prediction.confidence == max(prediction.probabilities.values())
+        assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
+    # The same photo as a file and as a PIL image gets the same probabilities (one preprocessing).
+    assert predictions[4].probabilities == pytest.approx(predictions[0].probabilities, abs=1e-5)
+    # And the same as the command's predictor on the same file.
+    direct = model.predictor.predict_files([cat_file]).probabilities[0]
+    assert np.allclose([predictions[0].probabilities[name] for name in model.class_names], direct, atol=1e-6)
+    [single] = model.predict(folder / "0.jpg")
+    assert single == predictions[1]
+
+
+def test_predict_unreadable_inputs_raise_or_are_skipped(api_run, tmp_path):
+    run, data = api_run
+    model = catdog.load(run.path, backend="torch")
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("<html>not an image</html>")
+    with pytest.raises(ImageLoadError, match="broken.jpg: not an image"):
+        model.predict([data / "dog.1.jpg", broken])
+    with pytest.raises(ImageLoadError, match="missing.jpg: file not found"):
+        model.predict(tmp_path / "missing.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictions = model.predict([data / "dog.1.jpg", broken], skip_unreadable=True)
+    assert [p.path for p in predictions] == [str(data / "dog.1.jpg")]
+    assert any("broken.jpg" in str(warning.message) for warning in caught)
+    with pytest.raises(TypeError, match="not int"):
+        model.predict([3])
+
+
+def test_load_without_a_run_is_the_builtin_model():
+    model = catdog.load(backend="torch")
+    assert model.run is None and model.class_names == ["cat", "dog"]
+    [prediction] = model.predict(colour_image(0, 1, size=(96, 80)))
+    assert set(prediction.probabilities) == {"cat", "dog"}
+
+
+def test_load_refuses_what_is_not_a_run(tmp_path):
+    from catdog.checkpoint import RunError
+
+    with pytest.raises(RunError, match="not a catdog run directory"):
+        catdog.load(tmp_path)
+    with pytest.raises(RunError, match="refusing to load a pickled file"):
+        catdog.load(tmp_path / "model.pt")
+
+
+@pytest.mark.slow
+def test_tune_best_params_train_a_run(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=10)
+    study = catdog.tune(data, preset="fast", trials=2, max_epochs=5, out=tmp_path / "tune", progress=False, log=None)
+    assert study["trials"] == 2 and (tmp_path / "tune" / "best_config.yaml").is_file()
+    run = catdog.train(data, preset="fast", run_dir=tmp_path / "run", progress=False, log=None, **study["best_params"])
+    for name, value in study["best_params"].items():
+        assert run.config[name] == value
