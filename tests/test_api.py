@@ -16,6 +16,7 @@ from conftest import colour_image, make_kaggle_folder
 from PIL import Image
 
 import catdog
+from catdog.data import DataError
 from catdog.images import ImageLoadError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -122,6 +123,8 @@ def test_predict_files_folders_and_pil_images_in_input_order(api_run, tmp_path):
     folder.mkdir()
     for index in range(3):
         colour_image(1, 900 + index).save(folder / f"{index}.jpg")
+    (folder / ".DS_Store").write_bytes(b"\x00")  # passed over quietly, as by `catdog predict`
+    (folder / "notes.txt").write_text("not a photo")
     cat_file = data / "cat.0.jpg"
     with Image.open(cat_file) as opened:
         in_memory = opened.copy()  # a copy has no file name
@@ -157,6 +160,9 @@ def test_predict_unreadable_inputs_raise_or_are_skipped(api_run, tmp_path):
         predictions = model.predict([data / "dog.1.jpg", broken], skip_unreadable=True)
     assert [p.path for p in predictions] == [str(data / "dog.1.jpg")]
     assert any("broken.jpg" in str(warning.message) for warning in caught)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images in .*empty"):
+        model.predict(tmp_path / "empty")
     with pytest.raises(TypeError, match="not int"):
         model.predict([3])
 

@@ -190,14 +190,16 @@ class Model:
                 skip_unreadable: bool = False) -> list[Prediction]:
         """Classify images: a path to a file or a folder (searched recursively), a PIL image, or a list of those.
 
-        Returns one `Prediction` per image, in input order (a folder's images in file-name order). An unreadable
-        or missing file raises `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves
-        them out with a warning. tta: average each image with its mirror image; None: as the run was validated.
+        Returns one `Prediction` per image, in input order (a folder's images in file-name order; its hidden files
+        and non-image names are passed over, as `catdog predict` does). An unreadable or missing file raises
+        `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves them out with a warning;
+        a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run was validated.
         """
         from PIL import Image
 
+        from catdog.data import DataError, describe_left_out
         from catdog.images import ImageLoadError, to_rgb
-        from catdog.predict import collect_inputs
+        from catdog.predict import QUIET_REASONS, collect_inputs
 
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
         files: list[Path] = []
@@ -209,8 +211,11 @@ class Model:
                 order.append(("picture", len(pictures)))
                 pictures.append(item)
             elif isinstance(item, (str, os.PathLike)):
-                found, missing = collect_inputs([str(item)])
-                problems.extend(missing)
+                found, left_out = collect_inputs([str(item)])
+                if not found and Path(item).is_dir():
+                    summary = describe_left_out(left_out)
+                    raise DataError(f"no images in {item}" + (f"; {summary}" if summary else ""))
+                problems.extend((path, why) for path, why in left_out if why not in QUIET_REASONS)
                 order.extend(("file", len(files) + offset) for offset in range(len(found)))
                 files.extend(found)
             else:
