@@ -50,6 +50,12 @@ def _command_audit(arguments) -> int:
     return run_audit(config_from_arguments(AuditConfig, arguments, arguments.config))
 
 
+def _command_issues(arguments) -> int:
+    from catdog.label_issues import LabelIssuesConfig, run_label_issues
+
+    return run_label_issues(config_from_arguments(LabelIssuesConfig, arguments, arguments.config))
+
+
 def _command_export(arguments) -> int:
     from catdog.export import ExportConfig, run_export
 
@@ -98,6 +104,7 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...]]] = {
 DATA_COMMANDS = {
     "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.inspect_data:InspectConfig", _command_inspect, ("data",)),
     "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.audit:AuditConfig", _command_audit, ("data",)),
+    "issues": ("likely label errors: photos whose label out-of-fold heads least believe", "catdog.label_issues:LabelIssuesConfig", _command_issues, ("data",)),
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catdog.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
 from catdog.checkpoint import check_not_pickle, load_model, read_meta
 from catdog.config import option
 from catdog.data import discover
@@ -84,6 +85,8 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     labels = np.array([mapping[images.labels[i]] for i in outcome.indices])
     metrics = classification_metrics(labels, outcome.probabilities, class_names)
     metrics["data"] = description
+    calibration = calibration_summary(labels, outcome.probabilities, meta.temperature)
+    metrics.update(calibration)
     metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
     out_dir = Path(config.out) if config.out else run_dir / "evaluation"
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -92,13 +95,26 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     write_predictions_csv(out_dir / "predictions.csv", scored_paths, labels, outcome.probabilities, class_names)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png")
     plot_roc(labels, outcome.probabilities, class_names, out_dir / "roc.png")
+    plot_reliability_diagrams(
+        {"before temperature (T = 1)": ReliabilityCurve(**calibration["reliability"]["before_temperature"]),
+         f"after temperature (T = {meta.temperature:.3f})": ReliabilityCurve(**calibration["reliability"]["after_temperature"])},
+        out_dir / "reliability.png")
     mistakes = most_confident_mistakes(labels, outcome.probabilities, config.mistakes_shown)
     plot_mistakes([images.paths[outcome.indices[i]] for i in mistakes], labels[mistakes], outcome.probabilities[mistakes],
                   class_names, out_dir / "mistakes.png")
     log(format_metrics(metrics))
-    log(f"wrote metrics.json, predictions.csv, confusion_matrix.png, roc.png and mistakes.png "
+    log(f"wrote metrics.json, predictions.csv, confusion_matrix.png, roc.png, reliability.png and mistakes.png "
         f"({len(mistakes)} most confident mistakes) to {out_dir}")
     return metrics
+
+
+def calibration_summary(labels: np.ndarray, probabilities: np.ndarray, temperature: float) -> dict:
+    """metrics.json's calibration entries: the run's temperature, the ECE of its probabilities (`ece`) and of the
+    same probabilities without the temperature (`ece_before_temperature`), and both reliability curves."""
+    after = reliability_curve(labels, probabilities)
+    before = reliability_curve(labels, remove_temperature(probabilities, temperature))
+    return {"temperature": temperature, "ece": after.ece, "ece_before_temperature": before.ece,
+            "reliability": {"before_temperature": before.to_dict(), "after_temperature": after.to_dict()}}
 
 
 def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device: str, backend: str,
@@ -169,7 +185,8 @@ def plot_mistakes(paths: list, labels: np.ndarray, probabilities: np.ndarray, cl
 
 def format_metrics(metrics: dict) -> str:
     lines = [f"accuracy {metrics['accuracy']:.4f}  log loss {metrics['log_loss']:.4f}  macro F1 {metrics['macro_f1']:.4f}"
-             + (f"  ROC AUC {metrics['roc_auc']:.4f}" if "roc_auc" in metrics else "")]
+             + (f"  ROC AUC {metrics['roc_auc']:.4f}" if "roc_auc" in metrics else "")
+             + (f"  ECE {metrics['ece']:.4f} (before temperature {metrics['ece_before_temperature']:.4f})" if "ece" in metrics else "")]
     lines.append(f"{'class':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8}")
     for name, values in metrics["per_class"].items():
         lines.append(f"{name:>12} {values['precision']:10.4f} {values['recall']:10.4f} {values['f1']:10.4f} {values['support']:8d}")

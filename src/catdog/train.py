@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from catdog.calibration import fit_temperature
 from catdog.checkpoint import (
     LAST_CHECKPOINT_FILE,
     RunMeta,
@@ -91,7 +92,8 @@ class TrainConfig:
     num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(True, "mixed precision on CUDA")
-    calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities")
+    calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
+    exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     resume: str = option("", "run directory of an interrupted run to continue from its last complete epoch", metavar="RUN")
@@ -268,23 +270,6 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], loss_function: nn.Modul
     return loss, accuracy, logits, labels
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimising the validation log loss of softmax(logits / T) (Guo et al., 2017)."""
-    logits, labels = logits.detach().clone().float(), labels.clone()  # may come from inference mode
-    log_temperature = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_temperature], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_temperature.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature = float(log_temperature.detach().exp())
-    return temperature if math.isfinite(temperature) and 0.05 < temperature < 20 else 1.0
-
-
 # ---------------------------------------------------------------- building blocks
 
 
@@ -363,6 +348,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
 
     images = discover(config.data, config.layout)
     images, audit_skipped = _drop_files_a_current_audit_flagged(images, log)
+    if config.exclude:
+        images = _drop_excluded_files(images, config.exclude, log)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
     train_images, val_images = images.subset(train_indices), images.subset(val_indices)
     strategy = resolve_strategy(config, device, len(train_images))
@@ -426,6 +413,16 @@ def _drop_files_a_current_audit_flagged(images: LabelledImages, log) -> tuple[La
     if lost:
         raise DataError(f"every image of class(es) {sorted(lost)} is unusable according to the audit")
     return kept, skipped
+
+
+def _drop_excluded_files(images: LabelledImages, list_file: str, log) -> LabelledImages:
+    """Leave out the photos `--exclude` lists (e.g. likely label errors from `catdog data issues`)."""
+    from catdog.label_issues import exclude_listed
+
+    kept, dropped, unmatched = exclude_listed(images, list_file)
+    log(f"data: leaving out {len(dropped)} files listed in {list_file}"
+        + (f" ({len(unmatched)} listed paths are not in the data, e.g. {unmatched[0]})" if unmatched else ""))
+    return kept
 
 
 def _load_resume(run_dir: Path, config: TrainConfig) -> tuple[TrainConfig, dict]:

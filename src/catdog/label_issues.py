@@ -1,0 +1,269 @@
+"""`catdog data issues`: the training photos whose label the model least believes (likely label errors).
+
+Confident learning (Northcutt et al., 2021, the `cleanlab` library) needs, for every photo, class probabilities
+from a model that never saw that photo: out-of-fold probabilities. Here they come from k logistic-regression
+heads, each trained on the frozen backbone's features of the other k-1 folds. The features are the ones the head
+strategy of `catdog train` uses (same preset, model, input size and mirror images, averaged per photo), read from
+the same feature cache, so after a training run on the same photos this takes seconds.
+
+cleanlab flags the photos it counts as label issues, ranked by self-confidence (the probability of the given
+label, lowest first); every other photo follows by the same measure, so the CSV is a complete ranking, most
+suspicious first. `catdog train --exclude label_issues.csv` leaves out the flagged rows (`label_issue` = 1) and
+`--exclude` also takes a plain list of paths (like `data audit`'s quarantine.txt).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catdog.config import option
+from catdog.data import DataError, LabelledImages, default_num_workers, discover
+from catdog.files import write_csv_atomic, write_with_atomic
+from catdog.images import ImageLoadError, load_image
+
+CSV_COLUMNS = ["path", "given_label", "suggested_label", "given_label_probability", "label_issue"]
+
+
+@dataclass
+class LabelIssuesConfig:
+    data: str = option("", "labelled data set: a folder (Kaggle flat, class sub-folders) or a CSV manifest")
+    preset: str = option("default", "the features of this `catdog train` preset (fast: Lite0 at 224 px; default: Lite2 at 300 px)", choices=("fast", "default"))
+    output: str = option("label_issues.csv", "CSV of every photo, most suspicious first; the grid goes beside it as <name>.png")
+    folds: int = option(5, "k: out-of-fold probabilities from k heads, each trained on the other folds")
+    shown: int = option(24, "how many of the most suspicious photos the PNG grid shows")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    seed: int = option(42, "random seed of the folds")
+    device: str = option("auto", "where the backbone runs on a feature-cache miss: auto, cpu, cuda or cuda:N")
+    cache_dir: str = option("", "feature cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
+    progress: bool = option(True, "show a progress bar while features are computed")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("give a labelled data folder or manifest")
+        if self.folds < 2:
+            raise ValueError(f"--folds must be at least 2, got {self.folds}")
+        if self.shown < 0:
+            raise ValueError(f"--shown must be >= 0, got {self.shown}")
+        if not self.output.lower().endswith(".csv"):
+            raise ValueError(f"--output must be a .csv file, got {self.output!r}")
+
+
+@dataclass
+class LabelIssue:
+    """One photo of the ranking. `path` is relative to the data set's root (as in split.json and predictions.csv)."""
+
+    path: str
+    absolute_path: Path
+    given_label: str
+    suggested_label: str
+    given_label_probability: float
+    label_issue: bool  # flagged by confident learning
+
+
+@dataclass
+class LabelIssuesResult:
+    rows: list[LabelIssue]  # every usable photo, most suspicious first
+    errors: list[ImageLoadError]  # photos that could not be read (left out of the ranking)
+    seconds: float
+
+    @property
+    def flagged(self) -> list[LabelIssue]:
+        return [row for row in self.rows if row.label_issue]
+
+
+def photo_features(images: LabelledImages, preset: str, device: str = "auto", cache_dir: Path | None = None,
+                   progress=None) -> tuple[np.ndarray, list[ImageLoadError]]:
+    """One feature vector per photo (NaN rows for unreadable ones): the head strategy's frozen-backbone features
+    for `preset`, from the feature cache or the backbone, averaged over the preset's views (the photo and its
+    mirror image), as test-time averaging does."""
+    from catdog.features import default_cache_dir, extract_features
+    from catdog.models import create_model
+    from catdog.train import TrainConfig, resolve_device, resolve_preprocess
+
+    train_config = TrainConfig(data=str(images.root), preset=preset)
+    preprocess = resolve_preprocess(train_config, "head")
+    views = ("original", "flipped") if train_config.flip else ("original",)
+    feature_set = extract_features(
+        images.paths,
+        lambda: create_model(train_config.model, len(images.class_names), pretrained=True, freeze_backbone=True).backbone,
+        train_config.model, preprocess, views, device=resolve_device(device), cache_dir=cache_dir or default_cache_dir(),
+        num_workers=max(1, default_num_workers() - 1), progress=progress,
+    )
+    return feature_set.features.mean(axis=1), feature_set.errors
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Class probabilities of each photo from a logistic-regression head trained on the folds it is not in
+    (standardised features, L2-regularised)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    smallest_class = int(np.bincount(labels).min())
+    if smallest_class < 2:
+        raise DataError("every class needs at least 2 readable photos for out-of-fold probabilities")
+    folds = min(folds, smallest_class)
+    probabilities = np.zeros((len(labels), int(labels.max()) + 1))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train_part, held_out in splitter.split(features, labels):
+        head = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
+        head.fit(features[train_part], labels[train_part])
+        probabilities[held_out] = head.predict_proba(features[held_out])
+    return probabilities
+
+
+def rank_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[int], set[int]]:
+    """Every position, most suspicious first: cleanlab's label issues ranked by self-confidence, then the rest by
+    the probability of their given label, lowest first. Also returns the flagged positions."""
+    from cleanlab.filter import find_label_issues
+
+    flagged = [int(i) for i in find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")]
+    given_label_probability = probabilities[np.arange(len(labels)), labels]
+    flagged_set = set(flagged)
+    rest = [int(i) for i in np.argsort(given_label_probability, kind="stable") if int(i) not in flagged_set]
+    return flagged + rest, flagged_set
+
+
+def find_label_issues(data: str | Path | LabelledImages, preset: str = "default", folds: int = 5, seed: int = 42,
+                      layout: str = "auto", device: str = "auto", cache_dir: Path | None = None,
+                      progress=None) -> LabelIssuesResult:
+    """Rank the labelled photos of `data` by how little out-of-fold heads believe their given label."""
+    started = time.perf_counter()
+    images = data if isinstance(data, LabelledImages) else discover(data, layout)
+    features, errors = photo_features(images, preset, device, cache_dir, progress)
+    usable = np.flatnonzero(~np.isnan(features).any(axis=1))
+    labels = np.asarray(images.labels)[usable]
+    if len(np.unique(labels)) < len(images.class_names):
+        raise DataError(f"{images.root}: some class has no readable photo")
+    probabilities = out_of_fold_probabilities(features[usable], labels, folds, seed)
+    order, flagged = rank_label_issues(labels, probabilities)
+    relative_paths = images.relative_paths()
+    rows = []
+    for position in order:
+        index = int(usable[position])
+        given = labels[position]
+        rows.append(LabelIssue(relative_paths[index], images.paths[index], images.class_names[given],
+                               images.class_names[int(probabilities[position].argmax())],
+                               float(probabilities[position, given]), position in flagged))
+    return LabelIssuesResult(rows, errors, time.perf_counter() - started)
+
+
+def write_label_issues_csv(path: Path, rows: list[LabelIssue]) -> None:
+    write_csv_atomic(path, CSV_COLUMNS, ([row.path, row.given_label, row.suggested_label,
+                                          f"{row.given_label_probability:.6f}", int(row.label_issue)] for row in rows))
+
+
+def plot_label_issues(rows: list[LabelIssue], path: Path, tile: int = 160) -> None:
+    """A grid of the most suspicious photos titled "given -> suggested (probability of the given label)"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(1, min(6, len(rows)))
+    grid_rows = max(1, -(-len(rows) // columns))
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(columns * 2.0, grid_rows * 2.7 + 0.3), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    if not rows:
+        axes[0][0].text(0.5, 0.5, "no photos", ha="center", va="center")
+    for axis, row in zip(axes.flat, rows):
+        try:
+            picture = load_image(row.absolute_path, draft_size=tile)
+            picture.thumbnail((tile, tile))
+            axis.imshow(picture)
+        except ImageLoadError:
+            axis.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+        marker = " *" if row.label_issue else ""
+        axis.set_title(f"{row.given_label} -> {row.suggested_label} ({row.given_label_probability:.3f}){marker}\n"
+                       f"{Path(row.path).name}", fontsize=7)
+    figure.suptitle("Likely label errors: given -> suggested (probability of the given label); * flagged", fontsize=9)
+    figure.tight_layout()
+    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    plt.close(figure)
+
+
+def run_label_issues(config: LabelIssuesConfig, log=print) -> int:
+    from catdog.train import progress_bar
+
+    images = discover(config.data, config.layout)
+    log(f"data: {len(images)} images in {images.layout} layout, classes {images.class_counts()}; "
+        f"{config.folds}-fold out-of-fold probabilities on {config.preset} preset features")
+    with progress_bar(config.progress, len(images), "features") as bar:
+        result = find_label_issues(images, config.preset, config.folds, config.seed, device=config.device,
+                                   cache_dir=Path(config.cache_dir) if config.cache_dir else None, progress=bar.update)
+    output = Path(config.output)
+    write_label_issues_csv(output, result.rows)
+    grid = output.with_suffix(".png")
+    plot_label_issues(result.rows[: config.shown], grid)
+    for error in result.errors:
+        log(f"unreadable, left out: {error.path} ({error.reason})")
+    log(f"{len(result.flagged)} of {len(result.rows)} photos flagged as likely label errors in {result.seconds:.1f} s; "
+        f"most suspicious first:")
+    for row in result.rows[: min(10, len(result.rows))]:
+        log(f"  {row.path}: labelled {row.given_label}, looks {row.suggested_label} "
+            f"(p({row.given_label}) = {row.given_label_probability:.4f}){' [flagged]' if row.label_issue else ''}")
+    log(f"wrote {output} (every photo, most suspicious first) and {grid} (the top {min(config.shown, len(result.rows))})")
+    return 0
+
+
+# ---------------------------------------------------------------- leaving listed photos out of training
+
+
+def read_exclusion_list(path: str | Path) -> list[str]:
+    """The paths a list file names: a CSV with a `path` column (a label_issues.csv: only its flagged rows, where
+    `label_issue` is 1; any other CSV: every row), or a plain list, one path per line, anything after a tab
+    ignored (`data audit`'s quarantine.txt), blank lines and `#` comments skipped."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such exclusion list")
+    text = path.read_text(encoding="utf-8-sig")
+    first_line = text.split("\n", 1)[0]
+    if path.suffix.lower() == ".csv" or first_line.split(",")[0].strip() == "path":
+        reader = csv.DictReader(text.splitlines())
+        if "path" not in (reader.fieldnames or []):
+            raise DataError(f"{path}: a CSV exclusion list needs a path column; found {reader.fieldnames}")
+        rows = list(reader)
+        if "label_issue" in (reader.fieldnames or []):
+            rows = [row for row in rows if (row["label_issue"] or "").strip().lower() in ("1", "true", "yes")]
+        return [row["path"].strip() for row in rows if (row["path"] or "").strip()]
+    lines = (line.split("\t", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def exclude_listed(images: LabelledImages, list_file: str | Path) -> tuple[LabelledImages, list[Path], list[str]]:
+    """`images` without the photos `list_file` names, the photos left out, and the listed paths that match no
+    photo. A listed path matches a photo by its path relative to the data set's root (as label_issues.csv and
+    split.json write it) or as a file path (absolute, or relative to the current folder or the list's folder)."""
+    import os
+
+    def normalised(path) -> str:
+        return os.path.normpath(os.path.abspath(path))
+
+    listed = read_exclusion_list(list_file)
+    list_folder = Path(list_file).parent
+    wanted: dict[str, str] = {}
+    for entry in listed:
+        for key in (entry, normalised(entry), normalised(list_folder / entry)):
+            wanted.setdefault(key, entry)
+    matched_entries: set[str] = set()
+    keep, dropped = [], []
+    for index, (path, relative) in enumerate(zip(images.paths, images.relative_paths())):
+        hit = next((wanted[key] for key in (relative, normalised(path)) if key in wanted), None)
+        if hit is None:
+            keep.append(index)
+        else:
+            matched_entries.add(hit)
+            dropped.append(path)
+    kept = images.subset(keep)
+    lost = sorted(set(images.class_names) - {kept.class_names[label] for label in kept.labels})
+    if lost:
+        raise DataError(f"{list_file}: it excludes every image of class(es) {lost}")
+    return kept, dropped, [entry for entry in listed if entry not in matched_entries]
