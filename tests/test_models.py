@@ -1,6 +1,11 @@
-"""Each model's forward pass, and the offline EfficientNet-Lite weight mapping checked on real photos."""
+"""Each model's forward pass, the offline EfficientNet-Lite weight mapping checked on real photos, and timm's zoo:
+any timm name builds, its preprocessing is its own, its weights come from the Hub cache, offline fails fast."""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +82,109 @@ def test_zero_training_model_separates_cats_from_dogs(shared_data):
     predicted = probabilities.argmax(1)
     # Chance is 50%; on all 6,000 shared photos this model scores 89% (its misses are cats it calls other things).
     assert (predicted == torch.tensor([0] * 40 + [1] * 40)).float().mean() >= 0.8
+
+
+# ---------------------------------------------------------------- timm's model zoo, offline
+
+TIMM_TEST_MODEL = "test_convnext.r160_in1k"  # timm's 0.3M-parameter test network: 160 px, mean 0.5, bicubic
+
+
+def put_in_hub_cache(cache: Path, name: str) -> dict[str, torch.Tensor]:
+    """Write weights for timm model `name` where huggingface_hub's cache keeps its repository's model.safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    repo = cache / f"models--timm--{name}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    weights = timm.create_model(name, pretrained=False).state_dict()
+    save_file(weights, str(repo / "snapshots" / commit / "model.safetensors"))
+    return weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["convnext_tiny", "resnet50.a1_in1k"])
+def test_any_timm_model_builds_without_weights(name):
+    import timm
+
+    model = create_model(name, num_classes=2, pretrained=False).eval()
+    with torch.inference_mode():
+        logits = model(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 2)
+    assert model.feature_dim == timm.create_model(name, pretrained=False).num_features  # 768 and 2048
+
+
+def test_timm_preprocessing_is_the_models_own_data_config():
+    import timm
+    from timm.data import resolve_model_data_config
+
+    for name in (TIMM_TEST_MODEL, "resnet50.a1_in1k"):
+        data_config = resolve_model_data_config(timm.create_model(name, pretrained=False))
+        preprocess = get_model_spec(name).preprocess
+        assert preprocess.input_size == data_config["input_size"][-1]
+        assert preprocess.crop_fraction == pytest.approx(data_config["crop_pct"])
+        assert preprocess.mean == pytest.approx(data_config["mean"]) and preprocess.std == pytest.approx(data_config["std"])
+        assert preprocess.interpolation == data_config["interpolation"] == "bicubic"
+
+
+def test_missing_timm_weights_fail_fast_offline_naming_the_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable, match=f"convnext_tiny.*not in the cache {tmp_path / 'hub'}.*HF_HUB_OFFLINE"):
+        create_model("convnext_tiny", 2, pretrained=True)
+    assert time.perf_counter() - started < 5
+
+
+def test_timm_weights_come_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    weights = put_in_hub_cache(tmp_path / "hub", TIMM_TEST_MODEL)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = create_model(TIMM_TEST_MODEL, 2, pretrained=True)
+    loaded = model.backbone.state_dict()
+    assert "head.fc.weight" not in loaded  # the ImageNet classifier is dropped; catdog's head replaces it
+    assert all(torch.equal(loaded[key], weights[key]) for key in loaded)
+
+
+@pytest.mark.slow
+def test_train_stores_the_timm_preprocessing_in_meta(tmp_path, monkeypatch):
+    """A head run on a timm model, weights from the hub cache (offline): meta.json holds timm's data config."""
+    import timm
+    from huggingface_hub import constants
+    from timm.data import resolve_model_data_config
+
+    from conftest import make_kaggle_folder
+    from catdog.train import TrainConfig, train
+
+    put_in_hub_cache(tmp_path / "hub", TIMM_TEST_MODEL)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = make_kaggle_folder(tmp_path / "train", per_class=6)
+    train(TrainConfig(data=str(data), out=str(tmp_path / "run"), model=TIMM_TEST_MODEL, strategy="head", epochs=2,
+                      progress=False, calibrate=False), log=lambda _: None)
+    stored = json.loads((tmp_path / "run" / "meta.json").read_text())["preprocess"]
+    data_config = resolve_model_data_config(timm.create_model(TIMM_TEST_MODEL, pretrained=False))
+    assert stored["input_size"] == data_config["input_size"][-1] == 160
+    assert stored["mean"] == pytest.approx(data_config["mean"]) == [0.5, 0.5, 0.5]
+    assert stored["crop_fraction"] == pytest.approx(data_config["crop_pct"])
+    assert stored["interpolation"] == data_config["interpolation"]
+
+
+def test_models_command_lists_offline_models_and_says_how_to_use_others(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from catdog.cli import main
+
+    put_in_hub_cache(tmp_path / "hub", TIMM_TEST_MODEL)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "efficientnet_lite0" in listing and "simple_cnn" in listing
+    assert TIMM_TEST_MODEL in listing  # found in the (patched) Hugging Face cache
+    assert "--model convnext_tiny" in listing and "HF_HUB_OFFLINE" in listing

@@ -78,10 +78,9 @@ def _command_tune(arguments) -> int:
 
 
 def _command_models(arguments) -> int:
-    from catdog.models import MODEL_SPECS
+    from catdog.models import model_listing
 
-    for name, spec in MODEL_SPECS.items():
-        print(f"{name:20s} {spec.description}")
+    print(model_listing())
     return 0
 
 

@@ -1,15 +1,27 @@
-"""Model factories and offline pretrained weights.
+"""Model factories and pretrained weights.
 
 Every model is a `Classifier`: a `backbone` that turns an image batch into one feature vector per image, and a
 linear `head` that turns features into class logits. That split is what lets catdog train the head on cached
 features (fast on a CPU) and then save, export and serve the very same module as one network.
 
-`MODEL_SPECS` is a plain dict from model name to its `ModelSpec`; nothing registers itself at import time.
+`MODEL_SPECS` is a plain dict of the models that work offline out of the box; any other timm model name
+(`convnext_tiny`, `resnet50.a1_in1k`, ...) gets its `ModelSpec` from timm on demand (`timm_model_spec`), with
+preprocessing from the model's own pretrained config. Nothing registers itself at import time.
+
+Pretrained weights are looked up in their cache first (the Hugging Face Hub cache for timm, torch's hub cache for
+torchvision) and downloaded only when they are missing and the machine is online: with `HF_HUB_OFFLINE=1`, or
+when the download host cannot be reached within a few seconds, catdog fails at once with a message naming the
+cache, instead of waiting for a download that cannot happen.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +45,7 @@ LITE_STD = (0.5, 0.5, 0.5)
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """Pretrained weights were asked for but are not on this machine (catdog never downloads at run time)."""
+    """Pretrained weights were asked for but are neither in their cache nor downloadable (offline)."""
 
 
 class Classifier(nn.Module):
@@ -130,9 +142,59 @@ def _build_simple_cnn(pretrained: bool) -> tuple[nn.Module, int]:
     return SimpleCNNBackbone(), 512
 
 
+# ---------------------------------------------------------------- downloads only when online
+
+# How long to wait for the download host before calling the machine offline. An offline machine whose DNS or
+# firewall drops packets would otherwise hang in the download for minutes.
+REACHABLE_TIMEOUT_SECONDS = 3.0
+_TRUE_VALUES = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    import huggingface_hub
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES or huggingface_hub.is_offline_mode()
+
+
+def host_reachable(url: str, timeout: float = REACHABLE_TIMEOUT_SECONDS) -> bool:
+    """Whether a TCP connection to the url's host (or to the HTTPS proxy, when one is set) opens within `timeout`.
+
+    The name lookup runs in a daemon thread because `socket.create_connection`'s timeout does not cover DNS, which
+    is what hangs on many offline machines.
+    """
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(urllib.parse.urlsplit(url).hostname or ""):
+        url = proxy
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def _offline_reason(url: str) -> str | None:
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not host_reachable(url):
+        return f"{urllib.parse.urlsplit(url).hostname} cannot be reached (offline?)"
+    return None
+
+
 # ---------------------------------------------------------------- resnet18 (torchvision)
 
 RESNET18_WEIGHTS_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1
+RESNET18_WEIGHTS_URL = f"https://download.pytorch.org/models/{RESNET18_WEIGHTS_FILE}"
 
 
 def resnet18_weights_path() -> Path:
@@ -146,13 +208,18 @@ def _build_resnet18(pretrained: bool) -> tuple[nn.Module, int]:
     if pretrained:
         path = resnet18_weights_path()
         if not path.is_file():
-            raise PretrainedWeightsUnavailable(
-                f"ResNet-18 ImageNet weights are not in the local torch cache ({path}). catdog never downloads at "
-                "run time. On a machine with internet run: python -c \"import torchvision; "
-                "torchvision.models.resnet18(weights='IMAGENET1K_V1')\" and copy the file there, or pass "
-                "--no-pretrained to train from scratch, or use the default offline model efficientnet_lite0."
-            )
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            offline = _offline_reason(RESNET18_WEIGHTS_URL)
+            if offline:
+                raise PretrainedWeightsUnavailable(
+                    f"ResNet-18 ImageNet weights are not in torch's hub cache ({path}) and cannot be downloaded: "
+                    f"{offline}. On a machine with internet run: python -c \"import torchvision; "
+                    "torchvision.models.resnet18(weights='IMAGENET1K_V1')\" and copy the file there (or set "
+                    "TORCH_HOME to a cache that has it), or pass --no-pretrained to train from scratch, or use the "
+                    "default offline model efficientnet_lite0."
+                )
+        # Reads the cached file, or downloads it there first (checking the hash in its name), like torchvision.
+        model.load_state_dict(torch.hub.load_state_dict_from_url(RESNET18_WEIGHTS_URL, map_location="cpu",
+                                                                 check_hash=True, weights_only=True))
     model.fc = nn.Identity()
     return model, 512
 
@@ -250,7 +317,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         _build_resnet18,
         Preprocess(224, 0.875, IMAGENET_MEAN, IMAGENET_STD),
         True,
-        "torchvision ResNet-18; ImageNet weights from the local torch cache when present",
+        "torchvision ResNet-18; ImageNet weights from torch's hub cache, downloaded there when online",
     ),
     "simple_cnn": ModelSpec(
         _build_simple_cnn,
@@ -261,11 +328,125 @@ MODEL_SPECS: dict[str, ModelSpec] = {
 }
 
 
+# ---------------------------------------------------------------- any other timm model (weights via the HF Hub)
+
+
+def preprocess_from_timm(data_config: dict) -> Preprocess:
+    """catdog's `Preprocess` from timm's data config (`timm.data.resolve_model_data_config`).
+
+    catdog always centre-crops square inputs: a non-square input size takes its height, and crop_pct above 1 (a
+    few models pad before cropping) is taken as 1.
+    """
+    return Preprocess(
+        input_size=int(data_config["input_size"][-2]),
+        crop_fraction=min(1.0, float(data_config["crop_pct"])),
+        mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]),
+        interpolation="bicubic" if data_config["interpolation"] == "bicubic" else "bilinear",
+    )
+
+
+def timm_data_config(name: str) -> dict:
+    """What `timm.data.resolve_model_data_config(timm.create_model(name))` returns, without building the model."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(name)
+    return resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+
+
+def timm_weights_file(name: str) -> Path:
+    """The local file of timm model `name`'s pretrained weights: from the Hugging Face Hub cache (or torch's hub
+    cache for weights timm publishes only by URL), downloaded there first when missing and the machine is online."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(name)
+    if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url):
+        raise PretrainedWeightsUnavailable(f"timm publishes no pretrained weights for {name}; pass --no-pretrained")
+    if pretrained_cfg.hf_hub_id:
+        repo_id, _, revision = pretrained_cfg.hf_hub_id.partition("@")
+        filenames = [pretrained_cfg.hf_hub_filename] if pretrained_cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        cache, source = Path(constants.HF_HUB_CACHE), f"{constants.ENDPOINT}/{repo_id}"
+        for filename in filenames:
+            cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=revision or None)
+            if isinstance(cached, str):
+                return Path(cached)
+    else:
+        filename = Path(urllib.parse.urlsplit(pretrained_cfg.url).path).name
+        cache, source = Path(torch.hub.get_dir()) / "checkpoints", pretrained_cfg.url
+        if (cache / filename).is_file():
+            return cache / filename
+    offline = _offline_reason(source)
+    if offline:
+        raise PretrainedWeightsUnavailable(
+            f"pretrained weights of {name} are not in the cache {cache} and cannot be downloaded from {source}: "
+            f"{offline}. Run the same command once on a machine with internet and copy the cache here (or point "
+            "HF_HOME / TORCH_HOME at a copy), pass --no-pretrained to train from scratch, or use a model listed by "
+            "`catdog models` as offline."
+        )
+    if not pretrained_cfg.hf_hub_id:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(pretrained_cfg.url, str(cache / filename), progress=False)
+        return cache / filename
+    for filename in filenames:
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache))
+        except EntryNotFoundError:
+            continue
+    raise PretrainedWeightsUnavailable(f"{source} holds none of {', '.join(filenames)}")
+
+
+def _timm_builder(name: str) -> Callable[[bool], tuple[nn.Module, int]]:
+    def build(pretrained: bool) -> tuple[nn.Module, int]:
+        import timm
+
+        # The weights file is found (or fetched) by catdog, so timm itself never touches the network; timm loads it
+        # with safetensors or torch.load(weights_only=True) and drops the ImageNet classifier (num_classes=0).
+        overlay = {"file": str(timm_weights_file(name))} if pretrained else None
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay)
+        return model, model.num_features
+
+    return build
+
+
+def timm_model_spec(name: str) -> ModelSpec:
+    """The spec of any timm model name (with or without a pretrained tag such as `.a1_in1k`)."""
+    return ModelSpec(
+        _timm_builder(name),
+        preprocess_from_timm(timm_data_config(name)),
+        True,
+        f"timm {name}; pretrained weights from the Hugging Face Hub (cached in the HF cache)",
+    )
+
+
 def get_model_spec(name: str) -> ModelSpec:
-    try:
+    if name in MODEL_SPECS:
         return MODEL_SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_SPECS)}") from None
+    import timm
+
+    if timm.is_model(name):
+        return timm_model_spec(name)
+    raise ValueError(
+        f"unknown model {name!r}; valid models: {', '.join(MODEL_SPECS)} or any timm model name, e.g. convnext_tiny "
+        "or resnet50.a1_in1k (see `catdog models`)"
+    )
+
+
+def cached_timm_models() -> list[str]:
+    """timm models whose weights are in the Hugging Face Hub cache, so they work offline."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        repos = huggingface_hub.scan_cache_dir(constants.HF_HUB_CACHE).repos
+    except CacheNotFound:
+        return []
+    return sorted(repo.repo_id.removeprefix("timm/") for repo in repos
+                  if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, freeze_backbone: bool = False) -> Classifier:
@@ -277,3 +458,32 @@ def create_zero_training_model(backbone_name: str = "efficientnet_lite0") -> tup
     """The built-in cat/dog model that needs no training (ImageNet classes summed)."""
     model = ImageNetCatDogClassifier(load_efficientnet_lite_imagenet(backbone_name)).eval()
     return model, MODEL_SPECS[backbone_name].preprocess
+
+
+def _weights_on_this_machine(name: str) -> str:
+    try:
+        if name in _LITE_PACKAGES:
+            efficientnet_lite_weights_path(name)
+        elif name == "resnet18" and not resnet18_weights_path().is_file():
+            return f"ImageNet weights downloaded when online (into {resnet18_weights_path().parent})"
+    except PretrainedWeightsUnavailable as error:
+        return str(error)
+    return "offline"
+
+
+def model_listing() -> str:
+    """What `catdog models` prints: the models usable offline, then how to use any other timm model."""
+    from huggingface_hub import constants
+
+    lines = ["Models (--model NAME):"]
+    for name, spec in MODEL_SPECS.items():
+        lines.append(f"  {name:22s} {spec.description} [{_weights_on_this_machine(name)}]")
+    cached = cached_timm_models()
+    lines.append(f"timm models with weights in the Hugging Face cache {constants.HF_HUB_CACHE}: "
+                 + (", ".join(cached) if cached else "none"))
+    lines += [
+        "Any other timm model name works too, e.g. --model convnext_tiny or --model resnet50.a1_in1k: its weights",
+        "come from the Hugging Face Hub on first use (then from the cache; HF_HUB_OFFLINE=1 keeps it offline) and its",
+        "preprocessing from the model's pretrained config. All names: python -c \"import timm; print(timm.list_models(pretrained=True))\"",
+    ]
+    return "\n".join(lines)
