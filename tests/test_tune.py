@@ -1,27 +1,100 @@
-"""Optuna tuning on cached features: trials run, bad ones are pruned, the best config trains."""
+"""Optuna tuning: trials run and are pruned, the best config trains, the SQLite study persists across runs, and a
+trial whose worker stopped sending heartbeats is failed and retried."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import time
 
+import pytest
 from conftest import make_kaggle_folder
 
 from catdog.config import config_from_arguments
 from catdog.train import TrainConfig
-from catdog.tune import TuneConfig, run_tuning
+from catdog.tune import TuneConfig, open_study, run_tuning, sqlalchemy_url
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_tuning_writes_a_usable_best_config(tmp_path):
+def quiet(_):
+    pass
+
+
+@pytest.mark.slow
+def test_tuning_writes_a_usable_best_config_and_plots(tmp_path):
     data = make_kaggle_folder(tmp_path / "train", per_class=10)
     summary = run_tuning(TuneConfig(data=str(data), out=str(tmp_path / "tune"), preset="fast", trials=12, max_epochs=8,
-                                    progress=False), log=lambda _: None)
+                                    progress=False), log=quiet)
     assert summary["trials"] == 12 and summary["pruned"] + summary["completed"] == 12
     assert summary["pruned"] >= 1  # the median pruner stops some of the twelve
     assert 0 < summary["best_val_loss"] < 0.69  # better than chance on an easy problem
     rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
     assert len(rows) == 12
+    for plot in ("optimization_history.png", "param_importances.png"):
+        assert (tmp_path / "tune" / plot).read_bytes().startswith(PNG_SIGNATURE)
     arguments = argparse.Namespace(data=str(data), out=str(tmp_path / "run"))
     config = config_from_arguments(TrainConfig, arguments, str(tmp_path / "tune" / "best_config.yaml"))
     assert config.lr == summary["best_params"]["lr"] and config.batch_size == summary["best_params"]["batch_size"]
     assert config.strategy == "head" and config.model == "efficientnet_lite0"
+
+
+@pytest.mark.slow
+def test_running_tune_again_continues_the_sqlite_study(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=8)
+    config = TuneConfig(data=str(data), out=str(tmp_path / "tune"), preset="fast", trials=3, max_epochs=4, progress=False)
+    assert config.storage == f"sqlite:///{(tmp_path / 'tune' / 'study.db').resolve()}"
+    first = run_tuning(config, log=quiet)
+    second = run_tuning(TuneConfig(data=str(data), out=str(tmp_path / "tune"), preset="fast", trials=2, max_epochs=4,
+                                   progress=False), log=quiet)
+    assert (first["trials"], second["trials"]) == (3, 5)
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
+    assert [int(row["number"]) for row in rows] == [0, 1, 2, 3, 4]
+    assert second["best_val_loss"] <= first["best_val_loss"]  # the study's best can only improve
+    # The continuation draws new parameters instead of replaying the first run's proposals.
+    assert len({row["lr"] for row in rows}) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
+    """A worker that started a trial and died stops sending heartbeats; the next worker fails that trial after the
+    grace period (twice the heartbeat) and runs it again with the same parameters."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    data = make_kaggle_folder(tmp_path / "train", per_class=8)
+    config = TuneConfig(data=str(data), out=str(tmp_path / "tune"), preset="fast", trials=1, max_epochs=4,
+                        heartbeat=1, progress=False)
+    study = open_study(config)
+    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna notes that ask() outside optimize() sends none
+        dead = study.ask()
+    dead_params = {"lr": dead.suggest_float("lr", 1e-4, 3e-2, log=True), "batch_size": dead.suggest_categorical("batch_size", [64, 128, 256, 512])}
+    study._storage.record_heartbeat(dead._trial_id)  # its last sign of life, as the heartbeat thread would send
+    time.sleep(2.5)  # longer than the 2 s grace period
+    run_tuning(config, log=quiet)
+    trials = optuna.load_study(study_name=config.study, storage=config.storage).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert {key: retried[0].params[key] for key in dead_params} == dead_params
+
+
+def test_postgresql_urls_use_psycopg_3():
+    assert sqlalchemy_url("postgresql://u:p@db:5432/catdog") == "postgresql+psycopg://u:p@db:5432/catdog"
+    assert sqlalchemy_url("postgres://db/catdog") == "postgresql+psycopg://db/catdog"
+    assert sqlalchemy_url("postgresql+psycopg://db/x") == "postgresql+psycopg://db/x"
+    assert sqlalchemy_url("sqlite:///runs/study.db") == "sqlite:///runs/study.db"
+
+
+def test_unreachable_storage_is_a_clear_error(tmp_path, capsys):
+    from catdog.cli import main
+
+    data = make_kaggle_folder(tmp_path / "train", per_class=2)
+    # Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    code = main(["tune", "--data", str(data), "--out", str(tmp_path / "tune"),
+                 "--storage", "postgresql://catdog:secret@127.0.0.1:1/catdog"])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "cannot open the study storage postgresql+psycopg://catdog:***@127.0.0.1:1/catdog" in message
+    assert "secret" not in message

@@ -135,10 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from catdog.data import DataError
     from catdog.images import ImageLoadError
     from catdog.models import PretrainedWeightsUnavailable
+    from catdog.tune import StudyStorageError
 
     try:
         return arguments.handler(arguments)
-    except (DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, FileNotFoundError) as error:
+    except (DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, StudyStorageError, FileNotFoundError) as error:
         print(f"catdog: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as error:

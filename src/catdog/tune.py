@@ -1,27 +1,40 @@
-"""`catdog tune`: Optuna search over the head's learning rate, batch size, weight decay, label smoothing and
-epochs, with median pruning of unpromising trials.
+"""`catdog tune`: an Optuna study over training settings, kept in a database so it outlives the process and can be
+shared by several workers.
 
-The frozen backbone's features are extracted (or read from the cache) once; every trial then trains only the
-head on them with the same `train_one_epoch` and `evaluate` as `catdog train`, reporting the validation loss after
-each epoch so Optuna can stop bad trials early. The best settings are written as a config file that
-`catdog train --config` takes.
+- Storage: by default a SQLite file in the output folder (`sqlite:///<out>/study.db`), so running the same
+  command again continues the same study. A `postgresql://` URL lets `catdog tune` processes on several machines
+  work on one study; each worker sends a heartbeat, and a trial whose worker stopped beating (killed, machine
+  lost) is marked failed by the next worker and retried with the same parameters (Optuna's RDB storage and
+  `RetryFailedTrialCallback`).
+- `--strategy head`: the frozen backbone's features are extracted (or read from the cache) once per worker; every
+  trial trains only the head on them (learning rate, batch size, weight decay, label smoothing, epochs, optimizer).
+- `--strategy finetune`: every trial fine-tunes the network on images (learning rate, weight decay, how much of the
+  backbone to unfreeze, augmentation strength, input size).
+- Either way each epoch's validation loss is reported, so the median pruner stops unpromising trials early, and
+  the best settings are written as a config file that `catdog train --config` takes, next to trials.csv,
+  study.json and the optimisation history and parameter importance plots.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from catdog.config import option
-from catdog.data import discover, stratified_split
-from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic
+from catdog.data import LabelledImages, discover, stratified_split
+from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
 from catdog.models import create_model
 from catdog.train import (
+    PRESETS,
     TrainConfig,
     build_optimizer,
     build_scheduler,
@@ -33,50 +46,140 @@ from catdog.train import (
 )
 from catdog.train_head import FeatureBatches, load_head_data
 
+STRATEGIES = ("head", "finetune")
+
+
+class StudyStorageError(RuntimeError):
+    """The study's database cannot be opened (bad URL, server down, wrong password)."""
+
 
 @dataclass
 class TuneConfig:
     data: str = option("", "data set folder or CSV manifest")
-    out: str = option("runs/tune", "folder for trials.csv, best_config.yaml and study.json")
-    preset: str = option("default", "preset whose model and flip setting the trials use", choices=("fast", "default"))
-    trials: int = option(30, "number of trials")
+    out: str = option("runs/tune", "folder for study.db (the default storage), trials.csv, best_config.yaml, study.json and the plots")
+    strategy: str = option("head", "head: tune the linear head on cached features; finetune: tune fine-tuning of the network", choices=STRATEGIES)
+    preset: str = option("default", "preset whose model (and flip setting) the trials use", choices=tuple(PRESETS))
+    model: str = option("", "model name (see `catdog models`); empty: the preset's model")
+    storage: str = option("", "Optuna storage URL; empty: sqlite:///<out>/study.db (rerunning continues the study); postgresql://user:password@host/db shares one study between workers")
+    study: str = option("", "study name in the storage; empty: catdog-<strategy>")
+    heartbeat: int = option(60, "seconds between a worker's heartbeats; a trial without one for twice as long is failed and retried (0: off)")
+    trials: int = option(30, "trials this process runs (several workers on one study add theirs up)")
     timeout: float = option(0.0, "stop starting trials after this many minutes (0: no limit)")
-    max_epochs: int = option(40, "largest number of epochs a trial may ask for")
-    seed: int = option(42, "seed for the split and the sampler")
+    max_epochs: int = option(40, "head: largest number of epochs a trial may ask for; finetune: epochs of every trial")
+    image_sizes: list[int] = option([], "finetune: input sizes to try; empty: the model's own and three quarters of it")
+    seed: int = option(42, "seed for the split; the sampler's seed is this plus the number of trials already in the study")
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int = option(-1, "finetune: data-loading worker processes; -1: automatic")
     progress: bool = option(True, "show progress bars while extracting features")
 
     def __post_init__(self):
         if not self.data:
             raise ValueError("--data is required")
-        if self.trials < 1 or self.max_epochs < 2:
-            raise ValueError("--trials must be at least 1 and --max-epochs at least 2")
+        if self.trials < 1 or self.max_epochs < 1:
+            raise ValueError("--trials and --max-epochs must be at least 1")
+        if self.strategy == "head" and self.max_epochs < 2:
+            raise ValueError("--max-epochs must be at least 2 for the head strategy")
+        if self.heartbeat < 0 or self.timeout < 0:
+            raise ValueError("--heartbeat and --timeout must not be negative")
+        self.image_sizes = [int(size) for size in self.image_sizes]
+        if any(size < 16 for size in self.image_sizes):
+            raise ValueError("--image-sizes must be at least 16 pixels")
+        self.study = self.study or f"catdog-{self.strategy}"
+        self.storage = self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
 
 
-def run_tuning(config: TuneConfig, log=print) -> dict:
+# ---------------------------------------------------------------- the study's storage
+
+
+def sqlalchemy_url(url: str) -> str:
+    """PostgreSQL URLs go through psycopg 3 (`postgresql+psycopg://`); `postgresql://` and `postgres://` are
+    accepted as the same thing. Other URLs (sqlite:///, mysql+pymysql://, ...) pass unchanged."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def open_storage(url: str, heartbeat_seconds: int):
+    """Optuna's RDB storage with heartbeats: a trial whose worker stopped beating for twice the interval is failed
+    by the next worker that starts a trial, and queued again with the same parameters (up to 3 times)."""
+    import optuna
+    import sqlalchemy.exc
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental" since 2.x
+        heartbeat = {}
+        if heartbeat_seconds:
+            heartbeat = {"heartbeat_interval": heartbeat_seconds, "grace_period": 2 * heartbeat_seconds,
+                         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3)}
+        # Workers started together may race to create the schema; the loser sees the tables once the winner commits.
+        for attempt in range(4):
+            try:
+                return optuna.storages.RDBStorage(sqlalchemy_url(url), **heartbeat)
+            except sqlalchemy.exc.IntegrityError as error:
+                if attempt == 3:
+                    raise StudyStorageError(f"cannot open the study storage {_without_password(url)}: {error}") from error
+                time.sleep(1 + attempt)
+            except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+                raise StudyStorageError(f"cannot open the study storage {_without_password(url)}: {error}") from error
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(sqlalchemy_url(url)).render_as_string(hide_password=True)
+    except Exception:  # not even parseable: the raw text is what the user typed
+        return url
+
+
+def open_study(config: TuneConfig):
+    """Create the study, or load it when it exists, so a rerun (or another worker) continues it."""
     import optuna
 
-    base = TrainConfig(data=config.data, out=config.out, preset=config.preset, strategy="head", seed=config.seed,
-                       val_fraction=config.val_fraction, progress=config.progress)
-    device = resolve_device("auto")
-    images = discover(config.data)
-    train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
-    def backbone() -> nn.Module:  # built only when some features are not cached yet
-        return create_model(base.model, len(images.class_names), pretrained=True, freeze_backbone=True).backbone
+    storage = open_storage(config.storage, config.heartbeat)
+    warmup = 3 if config.strategy == "head" else 1
+    study = optuna.create_study(study_name=config.study, storage=storage, direction="minimize", load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup))
+    # A fresh sampler seed for each continuation: rerunning with one --seed must not replay the same first proposals.
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    return study
 
-    data = load_head_data(base, backbone, resolve_preprocess(base, "head"), images.subset(train_indices), images.subset(val_indices), device, log)
-    feature_dim, classes = data.train_samples.shape[-1], len(images.class_names)
+
+# ---------------------------------------------------------------- objectives
+
+
+def base_train_config(config: TuneConfig) -> TrainConfig:
+    return TrainConfig(data=config.data, out=config.out, preset=config.preset, model=config.model, strategy=config.strategy,
+                       seed=config.seed, val_fraction=config.val_fraction, device=config.device,
+                       num_workers=config.num_workers, progress=config.progress)
+
+
+def head_objective(config: TuneConfig, base: TrainConfig, train_images: LabelledImages, val_images: LabelledImages,
+                   device: torch.device, log) -> Callable:
+    """Trials that train a linear head on the frozen backbone's cached features."""
+    import optuna
+
+    def backbone() -> nn.Module:  # built only when some features are not cached yet
+        return create_model(base.model, len(train_images.class_names), pretrained=True, freeze_backbone=True).backbone
+
+    data = load_head_data(base, backbone, resolve_preprocess(base, "head"), train_images, val_images, device, log)
+    feature_dim, classes = data.train_samples.shape[-1], len(train_images.class_names)
     plain_loss = nn.CrossEntropyLoss()
     val_batches = FeatureBatches(data.val_features, data.val_labels, 1024, shuffle=False)
 
-    def objective(trial: "optuna.Trial") -> float:
+    def objective(trial: optuna.Trial) -> float:
         trial_config = replace(
             base,
             lr=trial.suggest_float("lr", 1e-4, 3e-2, log=True),
             batch_size=trial.suggest_categorical("batch_size", [64, 128, 256, 512]),
             weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
             label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.1),
-            epochs=trial.suggest_int("epochs", 5, config.max_epochs),
+            epochs=trial.suggest_int("epochs", min(5, config.max_epochs), config.max_epochs),
             optimizer=trial.suggest_categorical("optimizer", ["adamw", "adam"]),
         )
         seed_everything(config.seed + trial.number)
@@ -96,22 +199,83 @@ def run_tuning(config: TuneConfig, log=print) -> dict:
                 raise optuna.TrialPruned()
         return best
 
+    return objective
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_tuning(config: TuneConfig, log=print) -> dict:
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=config.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3))
+    base = base_train_config(config)
+    device = resolve_device(config.device)
+    study = open_study(config)
+    images = discover(config.data)
+    train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
+    train_images, val_images = images.subset(train_indices), images.subset(val_indices)
+    objective = head_objective(config, base, train_images, val_images, device, log)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    log(f"study {config.study} in {_without_password(config.storage)}: {len(study.trials)} trials so far; "
+        f"this worker ({worker}) runs {config.trials} more")
+
+    def objective_of_this_worker(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker)
+        return objective(trial)
+
     started = time.perf_counter()
-    study.optimize(objective, n_trials=config.trials, timeout=config.timeout * 60 or None)
-    states = [trial.state.name for trial in study.trials]
-    out = Path(config.out)
-    write_csv_atomic(out / "trials.csv", ["number", "state", "val_loss", *sorted(study.best_params)],
-                     [[t.number, t.state.name, t.value, *[t.params.get(k) for k in sorted(study.best_params)]] for t in study.trials])
-    best = {"preset": config.preset, "strategy": "head", **study.best_params}
-    write_text_atomic(out / "best_config.yaml", "".join(f"{key}: {value}\n" for key, value in best.items()))
-    summary = {"best_val_loss": study.best_value, "best_params": study.best_params, "trials": len(study.trials),
-               "pruned": states.count("PRUNED"), "completed": states.count("COMPLETE"),
-               "seconds": round(time.perf_counter() - started, 1)}
-    write_json_atomic(out / "study.json", summary)
-    log(f"{summary['trials']} trials ({summary['pruned']} pruned) in {summary['seconds']} s; best validation loss "
-        f"{study.best_value:.4f} with {study.best_params}")
-    log(f"train with them: catdog train --data {config.data} --config {out / 'best_config.yaml'} --out RUN")
+    study.optimize(objective_of_this_worker, n_trials=config.trials, timeout=config.timeout * 60 or None)
+    summary = write_study_report(study, config, base, time.perf_counter() - started, log)
     return summary
+
+
+def write_study_report(study, config: TuneConfig, base: TrainConfig, seconds: float, log) -> dict:
+    """trials.csv, best_config.yaml, study.json and the two plots, from every trial in the study (all workers')."""
+    out = Path(config.out)
+    trials = study.trials
+    states = [trial.state.name for trial in trials]
+    parameter_names = sorted({name for trial in trials for name in trial.params})
+    write_csv_atomic(out / "trials.csv", ["number", "state", "val_loss", "worker", *parameter_names],
+                     [[t.number, t.state.name, t.value, t.user_attrs.get("worker", ""), *[t.params.get(k) for k in parameter_names]]
+                      for t in trials])
+    if "COMPLETE" not in states:
+        raise ValueError(f"study {config.study}: no trial completed yet ({len(trials)} pruned or failed); run more trials")
+    best = {"preset": config.preset, "model": base.model, "strategy": config.strategy, **study.best_params}
+    write_text_atomic(out / "best_config.yaml", "".join(f"{key}: {value}\n" for key, value in best.items()))
+    summary = {"study": config.study, "storage": _without_password(config.storage), "best_val_loss": study.best_value,
+               "best_params": study.best_params, "best_trial": study.best_trial.number, "trials": len(trials),
+               "completed": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+               "seconds": round(seconds, 1)}
+    write_json_atomic(out / "study.json", summary)
+    save_study_plots(study, out, log)
+    log(f"{summary['trials']} trials in the study ({summary['pruned']} pruned, {summary['failed']} failed), "
+        f"{seconds:.1f} s in this worker; best validation loss {study.best_value:.4f} with {study.best_params}")
+    log(f"train with them: catdog train --data {config.data} --config {out / 'best_config.yaml'} --out RUN")
+    log(f"browse the study: optuna-dashboard {_without_password(config.storage)}")
+    return summary
+
+
+def save_study_plots(study, out: Path, log) -> None:
+    """optimization_history.png always; param_importances.png once two trials have completed (fANOVA needs them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
+    completed = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if len(completed) >= 2:
+        plots["param_importances.png"] = optuna_plots.plot_param_importances
+    else:
+        log("param_importances.png needs two completed trials; not written yet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib backend's notice
+        for name, plot in plots.items():
+            figure = plot(study).figure
+            figure.set_size_inches(9, 5)
+            figure.tight_layout()
+            write_with_atomic(out / name, lambda path: figure.savefig(path, format="png", dpi=110))
+            plt.close(figure)
