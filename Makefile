@@ -8,7 +8,7 @@ RUN ?= runs/demo
 # The torch and torchvision wheels this project is tested with (pip finds them on this machine's disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test browser-deps benchmarks clean
+.PHONY: setup demo test browser-deps postgres-deps benchmarks clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +35,13 @@ browser-deps:
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium; the browser test will be skipped"; \
 	  else echo "chromium is missing and we are not root; the browser test will be skipped"; fi; }
 
-test: setup browser-deps
+# The shared-tuning test runs two workers on a throwaway PostgreSQL cluster; it skips when the server is missing.
+postgres-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || echo "could not install postgresql; the shared-tuning test will be skipped"; \
+	  else echo "postgresql is missing and we are not root; the shared-tuning test will be skipped"; fi; }
+
+test: setup browser-deps postgres-deps
 	$(BIN)/python -m pytest -q
 
 benchmarks: setup

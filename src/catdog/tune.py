@@ -8,8 +8,6 @@ shared by several workers.
   `RetryFailedTrialCallback`).
 - `--strategy head`: the frozen backbone's features are extracted (or read from the cache) once per worker; every
   trial trains only the head on them (learning rate, batch size, weight decay, label smoothing, epochs, optimizer).
-- `--strategy finetune`: every trial fine-tunes the network on images (learning rate, weight decay, how much of the
-  backbone to unfreeze, augmentation strength, input size).
 - Either way each epoch's validation loss is reported, so the median pruner stops unpromising trials early, and
   the best settings are written as a config file that `catdog train --config` takes, next to trials.csv,
   study.json and the optimisation history and parameter importance plots.
@@ -46,7 +44,7 @@ from catdog.train import (
 )
 from catdog.train_head import FeatureBatches, load_head_data
 
-STRATEGIES = ("head", "finetune")
+STRATEGIES = ("head",)
 
 
 class StudyStorageError(RuntimeError):
@@ -76,6 +74,8 @@ class TuneConfig:
     def __post_init__(self):
         if not self.data:
             raise ValueError("--data is required")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.trials < 1 or self.max_epochs < 1:
             raise ValueError("--trials and --max-epochs must be at least 1")
         if self.strategy == "head" and self.max_epochs < 2:
