@@ -98,3 +98,45 @@ def test_unreachable_storage_is_a_clear_error(tmp_path, capsys):
     message = capsys.readouterr().err
     assert "cannot open the study storage postgresql+psycopg://catdog:***@127.0.0.1:1/catdog" in message
     assert "secret" not in message
+
+
+def test_unfreeze_trains_the_last_fraction_of_the_backbone():
+    from catdog.models import create_model
+    from catdog.train_finetune import unfreeze_backbone
+
+    model = create_model("simple_cnn", 2)
+    total = sum(p.numel() for p in model.backbone.parameters())
+    for fraction in (0.0, 0.25, 0.5, 1.0):
+        unfreeze_backbone(model, fraction)
+        flags = [p.requires_grad for p in model.backbone.parameters()]
+        trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
+        assert flags == sorted(flags)  # a frozen prefix, then a trainable suffix
+        assert fraction * total <= trainable <= max(fraction * total, 1) + max(p.numel() for p in model.backbone.parameters())
+        assert model.backbone_frozen == (fraction == 0)
+        assert all(p.requires_grad for p in model.head.parameters())
+
+
+def test_augmentation_strength_runs_from_none_to_the_tutorials_recipe():
+    from catdog.train_finetune import augmentation_of_strength
+    from catdog.transforms import Augmentation
+
+    assert augmentation_of_strength(1.0) == Augmentation()
+    none = augmentation_of_strength(0.0)
+    assert none.crop_scale == (1.0, 1.0) and none.flip == 0 and none.rotation_degrees == 0 and not any(none.color_jitter)
+
+
+@pytest.mark.slow
+def test_finetune_tuning_searches_unfreeze_augmentation_and_size_and_its_config_trains(tmp_path):
+    from catdog.train import train
+
+    data = make_kaggle_folder(tmp_path / "train", per_class=8)
+    summary = run_tuning(TuneConfig(data=str(data), out=str(tmp_path / "tune"), strategy="finetune", model="simple_cnn",
+                                    trials=3, max_epochs=2, image_sizes=[32, 48], num_workers=0, progress=False), log=quiet)
+    assert summary["trials"] == 3 and summary["completed"] >= 1
+    assert set(summary["best_params"]) == {"lr", "weight_decay", "unfreeze", "augmentation", "image_size"}
+    assert summary["best_params"]["image_size"] in (32, 48) and summary["best_params"]["unfreeze"] in (0.0, 0.25, 0.5, 1.0)
+    arguments = argparse.Namespace(data=str(data), out=str(tmp_path / "run"), progress=False, num_workers=0)
+    config = config_from_arguments(TrainConfig, arguments, str(tmp_path / "tune" / "best_config.yaml"))
+    assert (config.strategy, config.epochs, config.unfreeze) == ("finetune", 2, summary["best_params"]["unfreeze"])
+    result = train(config, log=quiet)
+    assert result.meta.preprocess.input_size == summary["best_params"]["image_size"]

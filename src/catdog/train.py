@@ -71,6 +71,8 @@ class TrainConfig:
     strategy: str = option("auto", "head: train a linear head on cached frozen features; finetune: train the network; auto: head on CPU, and on CUDA below 2,000 training images, else finetune", choices=("auto", "head", "finetune"))
     pretrained: bool = option(True, "start from ImageNet weights (offline); --no-pretrained trains from scratch")
     freeze_backbone: bool = option(False, "finetune only the head (feature extractor)")
+    unfreeze: float = option(1.0, "finetune: fraction of the backbone's weights that train, counted from its output end (0: only the head; 1: all)")
+    augmentation: float = option(1.0, "finetune: augmentation strength from 0 (random crops of the whole photo only) to 1 (the tutorial's crops, flips, rotation and colour jitter)")
     flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
     epochs: int = option(0, "epochs; 0: the strategy's default (head 40, finetune 10)")
     batch_size: int = option(0, "batch size; 0: the strategy's default (head 256, finetune 32)")
@@ -116,6 +118,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative")
         if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.time_budget < 0:
             raise ValueError("lr, weight_decay, grad_clip and time_budget must not be negative")
+        if not (0.0 <= self.unfreeze <= 1.0 and 0.0 <= self.augmentation <= 1.0):
+            raise ValueError("unfreeze and augmentation must be between 0 and 1")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must be in [0, 1)")
         if not 0.0 < self.val_fraction < 1.0:

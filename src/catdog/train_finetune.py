@@ -35,10 +35,40 @@ from catdog.train import (
 from catdog.transforms import Augmentation, Preprocess, eval_transform, train_transform
 
 
+def unfreeze_backbone(model: Classifier, fraction: float) -> None:
+    """Let the last `fraction` of the backbone's weights (by count, from the output end) train; freeze the rest.
+
+    Layers near the output are the most specific to ImageNet and gain most from adapting; the early ones (edges,
+    textures) transfer as they are. With fraction 0 the backbone is a frozen feature extractor, whose BatchNorm
+    statistics stay as pretrained (`Classifier.train`).
+    """
+    parameters = list(model.backbone.parameters())
+    budget = fraction * sum(parameter.numel() for parameter in parameters)
+    unfrozen = 0
+    for parameter in reversed(parameters):
+        parameter.requires_grad_(unfrozen < budget)
+        unfrozen += parameter.numel()
+    model.backbone_frozen = fraction == 0
+
+
+def augmentation_of_strength(strength: float) -> Augmentation:
+    """Augmentation from 0 (random crops of the whole photo only) to 1 (the tutorial's recipe, `Augmentation()`):
+    crop area, flip probability, rotation and colour jitter grow linearly."""
+    full = Augmentation()
+    return Augmentation(
+        crop_scale=(1.0 - strength * (1.0 - full.crop_scale[0]), 1.0),
+        flip=strength * full.flip,
+        rotation_degrees=strength * full.rotation_degrees,
+        color_jitter=tuple(strength * value for value in full.color_jitter),
+    )
+
+
 def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
              val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
     workers = default_num_workers() if config.num_workers < 0 else config.num_workers
-    train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, Augmentation()), preprocess.resize_size)
+    unfreeze_backbone(model, 0.0 if config.freeze_backbone else config.unfreeze)
+    augmentation = augmentation_of_strength(config.augmentation)
+    train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, augmentation), preprocess.resize_size)
     val_dataset = ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size)
     model = model.to(device)
     if device.type == "cuda":

@@ -8,6 +8,8 @@ shared by several workers.
   `RetryFailedTrialCallback`).
 - `--strategy head`: the frozen backbone's features are extracted (or read from the cache) once per worker; every
   trial trains only the head on them (learning rate, batch size, weight decay, label smoothing, epochs, optimizer).
+- `--strategy finetune`: every trial fine-tunes the network on images for `--max-epochs` epochs (learning rate,
+  weight decay, how much of the backbone to unfreeze, augmentation strength, input size).
 - Either way each epoch's validation loss is reported, so the median pruner stops unpromising trials early, and
   the best settings are written as a config file that `catdog train --config` takes, next to trials.csv,
   study.json and the optimisation history and parameter importance plots.
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from catdog.config import option
-from catdog.data import LabelledImages, discover, stratified_split
+from catdog.data import ImageFileDataset, LabelledImages, dataloader_options, default_num_workers, discover, stratified_split
 from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
 from catdog.models import create_model
 from catdog.train import (
@@ -39,12 +41,16 @@ from catdog.train import (
     evaluate,
     resolve_device,
     resolve_preprocess,
+    epoch_generator,
     seed_everything,
+    strategy_defaults,
     train_one_epoch,
 )
+from catdog.train_finetune import augmentation_of_strength, unfreeze_backbone
 from catdog.train_head import FeatureBatches, load_head_data
+from catdog.transforms import eval_transform, train_transform
 
-STRATEGIES = ("head",)
+STRATEGIES = ("head", "finetune")
 
 
 class StudyStorageError(RuntimeError):
@@ -202,6 +208,70 @@ def head_objective(config: TuneConfig, base: TrainConfig, train_images: Labelled
     return objective
 
 
+UNFREEZE_FRACTIONS = [0.0, 0.25, 0.5, 1.0]
+
+
+def finetune_image_sizes(config: TuneConfig, base: TrainConfig) -> list[int]:
+    """--image-sizes, or the model's own input size and about three quarters of it (a multiple of 32)."""
+    if config.image_sizes:
+        return sorted(set(config.image_sizes))
+    own = resolve_preprocess(replace(base, image_size=0), "finetune").input_size
+    return sorted({max(32, round(own * 0.75 / 32) * 32), own})
+
+
+def finetune_objective(config: TuneConfig, base: TrainConfig, train_images: LabelledImages, val_images: LabelledImages,
+                       device: torch.device, log) -> Callable:
+    """Trials that fine-tune the network on images, each epoch's validation loss reported for pruning."""
+    import optuna
+
+    base = strategy_defaults(base, "finetune")
+    image_sizes = finetune_image_sizes(config, base)
+    workers = default_num_workers() if config.num_workers < 0 else config.num_workers
+    options = dataloader_options(device, workers)
+    plain_loss = nn.CrossEntropyLoss()
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    log(f"finetune trials: {config.max_epochs} epochs each, input sizes {image_sizes}, unfreezing {UNFREEZE_FRACTIONS} of the backbone")
+
+    def objective(trial: optuna.Trial) -> float:
+        trial_config = replace(
+            base,
+            lr=trial.suggest_float("lr", 1e-5, 3e-3, log=True),
+            weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+            unfreeze=trial.suggest_categorical("unfreeze", UNFREEZE_FRACTIONS),
+            augmentation=trial.suggest_float("augmentation", 0.0, 1.0),
+            image_size=trial.suggest_categorical("image_size", image_sizes),
+            epochs=config.max_epochs,
+        )
+        seed_everything(config.seed + trial.number)
+        preprocess = resolve_preprocess(trial_config, "finetune")
+        model = create_model(base.model, len(train_images.class_names), pretrained=base.pretrained)
+        unfreeze_backbone(model, trial_config.unfreeze)
+        model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+        train_dataset = ImageFileDataset(train_images.paths, train_images.labels,
+                                         train_transform(preprocess, augmentation_of_strength(trial_config.augmentation)),
+                                         preprocess.resize_size)
+        val_loader = torch.utils.data.DataLoader(
+            ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size),
+            batch_size=trial_config.batch_size * 2, shuffle=False, **options)
+        optimizer = build_optimizer(model.parameters(), trial_config)
+        scheduler = build_scheduler(optimizer, trial_config, math.ceil(len(train_dataset) / trial_config.batch_size))
+        best = float("inf")
+        for epoch in range(trial_config.epochs):
+            train_loader = torch.utils.data.DataLoader(
+                train_dataset, batch_size=trial_config.batch_size, shuffle=True, generator=epoch_generator(config.seed, epoch),
+                drop_last=len(train_dataset) > trial_config.batch_size, **options)
+            train_one_epoch(model, train_loader, optimizer, scheduler, plain_loss, device, trial_config.grad_clip, amp_dtype)
+            val_loss, val_accuracy, _, _ = evaluate(model, val_loader, plain_loss, device, amp_dtype)
+            best = min(best, val_loss)
+            trial.set_user_attr("val_accuracy", val_accuracy)
+            trial.report(val_loss, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return best
+
+    return objective
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -215,7 +285,8 @@ def run_tuning(config: TuneConfig, log=print) -> dict:
     images = discover(config.data)
     train_indices, val_indices = stratified_split(images.labels, config.val_fraction, config.seed)
     train_images, val_images = images.subset(train_indices), images.subset(val_indices)
-    objective = head_objective(config, base, train_images, val_images, device, log)
+    make_objective = head_objective if config.strategy == "head" else finetune_objective
+    objective = make_objective(config, base, train_images, val_images, device, log)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     log(f"study {config.study} in {_without_password(config.storage)}: {len(study.trials)} trials so far; "
         f"this worker ({worker}) runs {config.trials} more")
@@ -242,9 +313,11 @@ def write_study_report(study, config: TuneConfig, base: TrainConfig, seconds: fl
     if "COMPLETE" not in states:
         raise ValueError(f"study {config.study}: no trial completed yet ({len(trials)} pruned or failed); run more trials")
     best = {"preset": config.preset, "model": base.model, "strategy": config.strategy, **study.best_params}
+    if config.strategy == "finetune":
+        best["epochs"] = config.max_epochs  # what every trial trained for
     write_text_atomic(out / "best_config.yaml", "".join(f"{key}: {value}\n" for key, value in best.items()))
     summary = {"study": config.study, "storage": _without_password(config.storage), "best_val_loss": study.best_value,
-               "best_params": study.best_params, "best_trial": study.best_trial.number, "trials": len(trials),
+               "best_params": study.best_params, "best_config": best, "best_trial": study.best_trial.number, "trials": len(trials),
                "completed": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
                "seconds": round(seconds, 1)}
     write_json_atomic(out / "study.json", summary)
