@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from catdog.checkpoint import RunMeta
+    from catdog.explain import Explanation
     from catdog.predict import Predictor
 
 Log = Union[Callable[[str], None], None]
@@ -174,9 +175,11 @@ class Model:
     `catdog.serve.app.create_app(ServeConfig(), predictor=model.predictor)` serves the same model.
     """
 
-    def __init__(self, predictor: "Predictor", run: Run | None):
+    def __init__(self, predictor: "Predictor", run: Run | None, device: str = "auto"):
         self.predictor = predictor
         self.run = run
+        self.device = device
+        self._explainer = None  # built on the first explain(): Grad-CAM needs the PyTorch model and captum
 
     @property
     def class_names(self) -> list[str]:
@@ -193,7 +196,8 @@ class Model:
         Returns one `Prediction` per image, in input order (a folder's images in file-name order; its hidden files
         and non-image names are passed over, as `catdog predict` does). An unreadable or missing file raises
         `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves them out with a warning;
-        a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run was validated.
+        a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run
+        was validated.
         """
         from PIL import Image
 
@@ -221,20 +225,25 @@ class Model:
             else:
                 raise TypeError(f"predict() takes paths, folders or PIL images, not {type(item).__name__}")
 
+        def refuse_unless_skipping(problems: list[tuple[str, str]]) -> None:
+            if problems and not skip_unreadable:
+                listing = "; ".join(f"{path}: {reason}" for path, reason in problems)
+                raise ImageLoadError(problems[0][0], problems[0][1], f"{len(problems)} input(s) unusable: {listing}")
+
+        refuse_unless_skipping(problems)  # missing files: before any inference
         by_file: dict[int, Any] = {}
         if files:
             outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta)
             by_file = dict(zip(outcome.indices, outcome.probabilities))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
+        refuse_unless_skipping(problems)
+        if problems:
+            listing = "; ".join(f"{path}: {reason}" for path, reason in problems)
+            warnings.warn(f"skipped {len(problems)} unusable input(s): {listing}", stacklevel=2)
         by_picture = []
         for start in range(0, len(pictures), batch_size):
             batch = [to_rgb(picture) for picture in pictures[start:start + batch_size]]
             by_picture.extend(self.predictor.predict_pil(batch, tta))
-        if problems:
-            listing = "; ".join(f"{path}: {reason}" for path, reason in problems)
-            if not skip_unreadable:
-                raise ImageLoadError(problems[0][0], problems[0][1], f"{len(problems)} input(s) unusable: {listing}")
-            warnings.warn(f"skipped {len(problems)} unusable input(s): {listing}", stacklevel=2)
 
         predictions = []
         for kind, position in order:
@@ -249,11 +258,26 @@ class Model:
                                           {name: float(p) for name, p in zip(self.class_names, probabilities)}))
         return predictions
 
-    def explain(self, image: ImageInput, **options: Any):
-        """Grad-CAM of the predicted class for one image (a path or a PIL image); see `catdog.explain`."""
-        from catdog import explain as explain_module
+    def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None) -> "Explanation":
+        """Grad-CAM for one image (a path or a PIL image), as `catdog explain` computes it: an `Explanation` with
+        `label`, `confidence`, `probabilities`, `heatmap` (over the photo) and `overlay()` (the photo with the
+        heatmap over it, a PIL image). target: the class to explain; None: the predicted class."""
+        from PIL import Image
 
-        return explain_module.explain_image(self.predictor, image, **options)
+        from catdog.explain import load_explainer
+        from catdog.images import load_image, to_rgb
+
+        if target is not None and target not in self.class_names:
+            raise ValueError(f"unknown class {target!r}; this model's classes: {', '.join(self.class_names)}")
+        if isinstance(image, Image.Image):
+            photo = to_rgb(image)
+        elif isinstance(image, (str, os.PathLike)):
+            photo = load_image(image)
+        else:
+            raise TypeError(f"explain() takes a path or a PIL image, not {type(image).__name__}")
+        if self._explainer is None:
+            self._explainer = load_explainer(str(self.run.path) if self.run else "", self.device)
+        return self._explainer.explain(photo, tta=tta, target=None if target is None else self.class_names.index(target))
 
 
 def load(run: RunLike | None = None, *, backend: str = "auto", device: str = "auto") -> Model:
@@ -264,6 +288,6 @@ def load(run: RunLike | None = None, *, backend: str = "auto", device: str = "au
     from catdog.predict import load_predictor
 
     if run is None:
-        return Model(load_predictor("", backend, device), None)
+        return Model(load_predictor("", backend, device), None, device)
     opened = run if isinstance(run, Run) else Run.open(run)
-    return Model(load_predictor(str(opened.path), backend, device), opened)
+    return Model(load_predictor(str(opened.path), backend, device), opened, device)
