@@ -66,6 +66,14 @@ print("ok")
     assert run_python(code).strip() == "ok"
 
 
+def test_plots_keep_a_backend_the_program_chose():
+    """catdog's PNG plots use Agg, but leave alone a backend chosen before (a notebook's inline backend)."""
+    draw = "from catdog.plotting import headless_pyplot; plt = headless_pyplot(); plt.close(plt.figure()); "
+    assert run_python(draw + "import matplotlib; print(matplotlib.get_backend())").strip().lower() == "agg"
+    chosen = "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot; "
+    assert run_python(chosen + draw + "print(matplotlib.get_backend())").strip().lower() == "svg"
+
+
 def test_monkeypatch_by_dotted_name_reaches_the_module(monkeypatch):
     import catdog.train
 
@@ -191,3 +199,4 @@ def test_tune_best_params_train_a_run(tmp_path):
     run = catdog.train(data, preset="fast", run_dir=tmp_path / "run", progress=False, log=None, **study["best_params"])
     for name, value in study["best_params"].items():
         assert run.config[name] == value
+

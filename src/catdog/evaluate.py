@@ -195,15 +195,9 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _pyplot():
-    import sys
+    from catdog.plotting import headless_pyplot
 
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend stays: switching it hides its own plots
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return headless_pyplot()
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:

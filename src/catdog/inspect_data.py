@@ -101,13 +101,9 @@ def format_report(report: dict) -> str:
 
 def save_sample_grid(images, path: Path, per_class: int, seed: int, tile: int = 128) -> None:
     """One row per class, `per_class` random images each, labelled with the class name."""
-    import sys
+    from catdog.plotting import headless_pyplot
 
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend stays: switching it hides its own plots
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     generator = random.Random(seed)
     rows = len(images.class_names)

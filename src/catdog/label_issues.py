@@ -160,10 +160,9 @@ def write_label_issues_csv(path: Path, rows: list[LabelIssue]) -> None:
 
 def plot_label_issues(rows: list[LabelIssue], path: Path, tile: int = 160) -> None:
     """A grid of the most suspicious photos titled "given -> suggested (probability of the given label)"."""
-    import matplotlib
+    from catdog.plotting import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     columns = max(1, min(6, len(rows)))
     grid_rows = max(1, -(-len(rows) // columns))
