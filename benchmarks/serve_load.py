@@ -2,11 +2,15 @@
 
 For 1, 4 and 16 concurrent clients, each client sends a photo, waits for the answer, and sends the next, for a
 fixed time, after an untimed `catdog predict` that fills the ONNX cache as a first use would. Prints requests/s,
-p50 and p99 latency, errors and the server's peak RSS, and the ratios. With
+p50 and p99 latency, errors and the server's peak RSS (summed over its worker processes), and the ratios. With
+--workers 1 2 it runs `catdog serve --workers N` for each N and also prints the ratios against one worker. With
 --soak S it then holds 16 clients on catdog for S seconds and prints RSS at the start and end (memory must stay
 flat), and sends every kind of bad input to check that none gets a 5xx.
 
-    python benchmarks/serve_load.py [--seconds 15] [--soak 60]
+The clients set TCP_NODELAY: http.client sends the headers and a body over 2,920 bytes in two writes, and with
+Nagle's algorithm the second waits for the server's delayed ACK (~40 ms per request on Linux).
+
+    python benchmarks/serve_load.py [--seconds 15] [--soak 60] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -45,10 +49,25 @@ def multipart(payload: bytes, filename: str = "photo.jpg", field: str = "file") 
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Memory of a server: the process and, with --workers, its worker processes, summed."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                total += rss_mb(int(child), field)
+            except OSError:  # exited meanwhile
+                pass
+    return total
+
+
+def connect(port: int) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.connect()
+    connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection
 
 
 def wait_ready(port: int, path: str, timeout: float = 180) -> None:
@@ -72,7 +91,7 @@ def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, second
     stop_at = time.perf_counter() + seconds
 
     def client(offset: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection = connect(port)
         index = offset
         while time.perf_counter() < stop_at:
             body, content_type = bodies[index % len(bodies)]
@@ -86,7 +105,7 @@ def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, second
             except (OSError, http.client.HTTPException):
                 ok = False
                 connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                connection = connect(port)
             elapsed = time.perf_counter() - started
             with lock:
                 if ok:
@@ -128,18 +147,22 @@ def bad_inputs_check(port: int) -> dict[str, int]:
     return statuses
 
 
+def serve_name(workers: int) -> str:
+    return "catdog serve" if workers == 1 else f"catdog serve --workers {workers}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--soak", type=float, default=0.0)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="catdog serve --workers N, for each N")
     arguments = parser.parse_args()
     data = require_shared_data()
     bodies = [multipart(path.read_bytes()) for path in sorted((data / "test1").glob("*.jpg"))[:50]]
-    servers = {
-        "catdog serve": CATDOG + ["serve", "--port", "{port}"],
-        "tutorial Flask app": [sys.executable, str(HERE / "tutorial_flask_app.py"), "{port}"],
-    }
+    servers = {serve_name(workers): CATDOG + ["serve", "--port", "{port}", "--workers", str(workers)]
+               for workers in arguments.workers}
+    servers["tutorial Flask app"] = [sys.executable, str(HERE / "tutorial_flask_app.py"), "{port}"]
     # A first use exports the model to ONNX and caches it; do that once, untimed, so the server's peak RSS measures
     # serving rather than the one-time export inside the server process.
     subprocess.run(CATDOG + ["predict", str(sorted((data / "test1").glob("*.jpg"))[0]), "--output", os.devnull, "--no-progress"],
@@ -155,7 +178,7 @@ def main() -> int:
             for clients in arguments.levels:
                 results[(name, clients)] = {**closed_loop(port, bodies, clients, arguments.seconds), "peak_rss_mb": rss_mb(process.pid, "VmHWM")}
                 print(name, clients, results[(name, clients)], flush=True)
-            if name.startswith("catdog") and arguments.soak:
+            if name == serve_name(arguments.workers[0]) and arguments.soak:
                 before = rss_mb(process.pid)
                 load = closed_loop(port, bodies, 16, arguments.soak)
                 soak = {"seconds": arguments.soak, "rss_start_mb": before, "rss_end_mb": rss_mb(process.pid), **load,
@@ -165,13 +188,21 @@ def main() -> int:
             process.terminate()
             process.wait(30)
     print(f"\nmachine: {machine_description()}")
-    print(f"{'server':20s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'peak RSS MB':>12s}")
+    print(f"{'server':28s} {'clients':>7s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s} {'peak RSS MB':>12s}")
     for (name, clients), r in results.items():
-        print(f"{name:20s} {clients:7d} {r['requests_per_second']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d} {r['peak_rss_mb']:12.0f}")
-    for clients in arguments.levels:
-        ours, theirs = results[("catdog serve", clients)], results[("tutorial Flask app", clients)]
-        print(f"{clients:2d} clients: throughput ratio {ours['requests_per_second'] / theirs['requests_per_second']:.1f}x, "
-              f"p99 ratio {ours['p99_ms'] / theirs['p99_ms']:.2f}")
+        print(f"{name:28s} {clients:7d} {r['requests_per_second']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d} {r['peak_rss_mb']:12.0f}")
+    for workers in arguments.workers:
+        for clients in arguments.levels:
+            ours, theirs = results[(serve_name(workers), clients)], results[("tutorial Flask app", clients)]
+            print(f"{serve_name(workers)} vs tutorial Flask app, {clients:2d} clients: throughput ratio "
+                  f"{ours['requests_per_second'] / theirs['requests_per_second']:.1f}x, p99 ratio {ours['p99_ms'] / theirs['p99_ms']:.2f}")
+    if 1 in arguments.workers:
+        for workers in [n for n in arguments.workers if n != 1]:
+            for clients in arguments.levels:
+                many, one = results[(serve_name(workers), clients)], results[(serve_name(1), clients)]
+                print(f"{workers} workers vs 1, {clients:2d} clients: throughput ratio "
+                      f"{many['requests_per_second'] / one['requests_per_second']:.2f}x, p50 ratio {many['p50_ms'] / one['p50_ms']:.2f}, "
+                      f"p99 ratio {many['p99_ms'] / one['p99_ms']:.2f}")
     if soak:
         print(f"soak {soak['seconds']:.0f} s at 16 clients: {soak['requests_per_second']:.1f} req/s, {soak['errors']} errors, "
               f"RSS {soak['rss_start_mb']:.0f} -> {soak['rss_end_mb']:.0f} MB; bad inputs -> {json.dumps(soak['bad_inputs'])}; "

@@ -16,8 +16,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,9 +26,11 @@ import catdog
 from catdog.config import option
 from catdog.images import DEFAULT_MAX_PIXELS
 from catdog.serve.access import API_KEY_ENVIRONMENT_VARIABLE, AccessMiddleware, document_api_key, is_loopback
-from catdog.serve.batching import MicroBatcher
 from catdog.serve.observability import ServiceMetrics
 from catdog.serve.schemas import error_response
+
+if TYPE_CHECKING:
+    from catdog.serve.batching import MicroBatcher
 
 logger = logging.getLogger("catdog.serve")
 # `--workers N` starts N processes that each build the app from this variable (the config as JSON).
@@ -98,8 +100,13 @@ class ServiceState:
 
 def create_app(config: ServeConfig, predictor=None) -> FastAPI:
     """The app. `predictor` may be given (tests); otherwise it is loaded from `config.run` in the lifespan."""
+    # torch and the model code are imported here, not at the top: with --workers the supervisor process imports
+    # this module too, and never needs them (about 300 MB less).
+    import torch
+
     from catdog.predict import load_predictor
     from catdog.serve import routes_health, routes_predict
+    from catdog.serve.batching import MicroBatcher
 
     metrics = ServiceMetrics()
 
