@@ -191,6 +191,16 @@ def exposure_warning(config: ServeConfig) -> str | None:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
+def uvicorn_settings(config: ServeConfig) -> dict:
+    log_config = {"version": 1, "disable_existing_loggers": False,
+                  "formatters": {"plain": {"format": LOG_FORMAT}},
+                  "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+                  "loggers": {"catdog": {"handlers": ["stderr"], "level": "INFO"},
+                              "uvicorn": {"handlers": ["stderr"], "level": "INFO"}}}
+    # access_log=False: the access middleware writes the request lines, with their request ids, instead.
+    return dict(host=config.host, port=config.port, log_config=log_config, access_log=False, timeout_graceful_shutdown=30)
+
+
 def run_server(config: ServeConfig) -> None:
     """uvicorn in this process (readiness turns false as soon as SIGTERM/SIGINT arrives; in-flight requests then
     finish), or with `--workers N` uvicorn's supervisor and N worker processes sharing the port."""
@@ -199,20 +209,15 @@ def run_server(config: ServeConfig) -> None:
     warning = exposure_warning(config)
     if warning:
         print(warning, file=sys.stderr)
-    log_config = {"version": 1, "disable_existing_loggers": False,
-                  "formatters": {"plain": {"format": LOG_FORMAT}},
-                  "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
-                  "loggers": {"catdog": {"handlers": ["stderr"], "level": "INFO"},
-                              "uvicorn": {"handlers": ["stderr"], "level": "INFO"}}}
-    # access_log=False: the access middleware writes the request lines, with their request ids, instead.
-    settings = dict(host=config.host, port=config.port, log_config=log_config, access_log=False,
-                    timeout_graceful_shutdown=30)
     print(f"catdog serve on http://{config.host}:{config.port}/ (model: {config.run or 'built-in zero-training cat/dog model'}"
           f"{f', {config.workers} workers' if config.workers > 1 else ''}{', API key required' if config.api_key else ''})")
     if config.workers > 1:
+        # The command line has imported torch and every command's module (~500 MB) that the supervisor never
+        # uses: replace this process (same pid, so signals still reach it) by a lean one running `supervise_workers`.
         os.environ[CONFIG_ENVIRONMENT_VARIABLE] = json.dumps(dataclasses.asdict(config))
-        uvicorn.run("catdog.serve.app:create_app_from_env", factory=True, workers=config.workers, **settings)
-        return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "catdog.serve.app"])
 
     app = create_app(config)
 
@@ -223,4 +228,16 @@ def run_server(config: ServeConfig) -> None:
                 service.ready = False
             super().handle_exit(sig, frame)
 
-    GracefulServer(uvicorn.Config(app, **settings)).run()
+    GracefulServer(uvicorn.Config(app, **uvicorn_settings(config))).run()
+
+
+def supervise_workers(config: ServeConfig) -> None:
+    """uvicorn's supervisor: binds the port, starts `config.workers` processes that each build the app with
+    `create_app_from_env` (and load their model), restarts any that dies, and stops them all on SIGTERM/SIGINT."""
+    import uvicorn
+
+    uvicorn.run("catdog.serve.app:create_app_from_env", factory=True, workers=config.workers, **uvicorn_settings(config))
+
+
+if __name__ == "__main__":  # `catdog serve --workers N` execs this
+    supervise_workers(ServeConfig(**json.loads(os.environ[CONFIG_ENVIRONMENT_VARIABLE])))
