@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+API_KEY = "browser-test-key"  # the server requires it: the page must send it with every request
 SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -36,7 +38,8 @@ def server(tmp_path_factory):
           log=lambda _: None)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--run", str(root / "run"), "--port", str(port),
-                                "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "CATDOG_API_KEY": API_KEY})
     import urllib.request
 
     deadline = time.time() + 120
@@ -65,7 +68,8 @@ def test_upload_a_photo_and_read_the_label(server):
             executable_path=CHROMIUM, headless=True,
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page()
-        page.goto(url)
+        page.goto(f"{url}?key={API_KEY}")  # the page keeps the key and takes it out of the address bar
+        assert page.url == url
         page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
         page.set_input_files("#file", str(photo))
         page.wait_for_function("['cat', 'dog'].includes(document.getElementById('label').textContent)", timeout=30_000)
