@@ -7,8 +7,8 @@ p50 and p99 latency, errors and the server's peak RSS (summed over its worker pr
 --soak S it then holds 16 clients on catdog for S seconds and prints RSS at the start and end (memory must stay
 flat), and sends every kind of bad input to check that none gets a 5xx.
 
-The clients set TCP_NODELAY: http.client sends the headers and a body over 2,920 bytes in two writes, and with
-Nagle's algorithm the second waits for the server's delayed ACK (~40 ms per request on Linux).
+The clients set TCP_NODELAY, as urllib3 (requests) does by default: http.client writes the headers and a body over
+2,920 bytes separately, and Nagle's algorithm could hold the second write until the server's delayed ACK.
 
     python benchmarks/serve_load.py [--seconds 15] [--soak 60] [--workers 1 2]
 """
