@@ -85,8 +85,10 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     labels = np.array([mapping[images.labels[i]] for i in outcome.indices])
     metrics = classification_metrics(labels, outcome.probabilities, class_names)
     metrics["data"] = description
-    calibration = calibration_summary(labels, outcome.probabilities, meta.temperature)
-    metrics.update(calibration)
+    # The run's probabilities carry its temperature; the curve before it shows what the temperature changed.
+    after = reliability_curve(labels, outcome.probabilities)
+    before = reliability_curve(labels, remove_temperature(outcome.probabilities, meta.temperature))
+    metrics.update(calibration_entries(meta.temperature, before, after))
     metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
     out_dir = Path(config.out) if config.out else run_dir / "evaluation"
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -95,10 +97,8 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     write_predictions_csv(out_dir / "predictions.csv", scored_paths, labels, outcome.probabilities, class_names)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png")
     plot_roc(labels, outcome.probabilities, class_names, out_dir / "roc.png")
-    plot_reliability_diagrams(
-        {"before temperature (T = 1)": ReliabilityCurve(**calibration["reliability"]["before_temperature"]),
-         f"after temperature (T = {meta.temperature:.3f})": ReliabilityCurve(**calibration["reliability"]["after_temperature"])},
-        out_dir / "reliability.png")
+    plot_reliability_diagrams({"before temperature (T = 1)": before, f"after temperature (T = {meta.temperature:.3f})": after},
+                              out_dir / "reliability.png")
     mistakes = most_confident_mistakes(labels, outcome.probabilities, config.mistakes_shown)
     plot_mistakes([images.paths[outcome.indices[i]] for i in mistakes], labels[mistakes], outcome.probabilities[mistakes],
                   class_names, out_dir / "mistakes.png")
@@ -108,11 +108,9 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     return metrics
 
 
-def calibration_summary(labels: np.ndarray, probabilities: np.ndarray, temperature: float) -> dict:
+def calibration_entries(temperature: float, before: ReliabilityCurve, after: ReliabilityCurve) -> dict:
     """metrics.json's calibration entries: the run's temperature, the ECE of its probabilities (`ece`) and of the
     same probabilities without the temperature (`ece_before_temperature`), and both reliability curves."""
-    after = reliability_curve(labels, probabilities)
-    before = reliability_curve(labels, remove_temperature(probabilities, temperature))
     return {"temperature": temperature, "ece": after.ece, "ece_before_temperature": before.ece,
             "reliability": {"before_temperature": before.to_dict(), "after_temperature": after.to_dict()}}
 

@@ -120,9 +120,10 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
 def rank_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[int], set[int]]:
     """Every position, most suspicious first: cleanlab's label issues ranked by self-confidence, then the rest by
     the probability of their given label, lowest first. Also returns the flagged positions."""
-    from cleanlab.filter import find_label_issues
+    from cleanlab import filter as cleanlab_filter
 
-    flagged = [int(i) for i in find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")]
+    ranked = cleanlab_filter.find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+    flagged = [int(i) for i in ranked]
     given_label_probability = probabilities[np.arange(len(labels)), labels]
     flagged_set = set(flagged)
     rest = [int(i) for i in np.argsort(given_label_probability, kind="stable") if int(i) not in flagged_set]
