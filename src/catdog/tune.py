@@ -331,10 +331,9 @@ def write_study_report(study, config: TuneConfig, base: TrainConfig, seconds: fl
 
 def save_study_plots(study, out: Path, log) -> None:
     """optimization_history.png always; param_importances.png once two trials have completed (fANOVA needs them)."""
-    import matplotlib
+    from catdog.plotting import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()  # before optuna's plotting module imports pyplot
     import optuna
     from optuna.visualization import matplotlib as optuna_plots
 
