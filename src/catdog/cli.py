@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        # `torchrun ... -m catdog -- predict --run RUN`: the `--` keeps torchrun from reading --run as an
+        # abbreviation of its own --run-path; depending on the Python version it reaches catdog too.
+        argv = argv[1:]
     arguments = parser.parse_args(argv)
     from catdog.checkpoint import RunError
     from catdog.data import DataError
@@ -148,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("catdog: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from catdog.distributed import shutdown
+
+        shutdown()  # leave torchrun's process group, when a command joined one
 
 
 if __name__ == "__main__":

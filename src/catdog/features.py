@@ -177,13 +177,14 @@ def extract_features(
     progress: Callable[[int], None] | None = None,
     deadline: float | None = None,
     seed: int = 0,
+    compute_missing: bool = True,
 ) -> FeatureSet:
     """Features for every path in each view, from the cache where possible. Bad files become NaN rows + errors.
     `backbone` returns the frozen backbone module; it is only called on a cache miss.
 
     With a `deadline` (a time.perf_counter() value) the cache misses are computed in a seeded random order and the
     work stops after the batch that passes it: what was reached is an unbiased sample, it is cached, and a later
-    call continues with the rest."""
+    call continues with the rest. `compute_missing=False` only reads the cache: files not in it are "not reached"."""
     started = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
     caches = {view: FeatureCache(cache_folder(cache_dir, model_name, preprocess, view)) for view in views}
@@ -200,7 +201,7 @@ def extract_features(
         missing = [missing[i] for i in np.random.default_rng(seed).permutation(len(missing))]
     computed: dict[int, np.ndarray] = {}
     processed = 0  # cache misses the loop has got to (computed or failed)
-    if missing:
+    if missing and compute_missing:
         runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
         dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size)
         loader = DataLoader(
@@ -229,7 +230,9 @@ def extract_features(
     features = np.full((len(paths), len(views), dimension or 1), np.nan, dtype=np.float32)
     for i, digest in enumerate(digests):
         if i in computed:
-            features[i] = computed[i]
+            # Rounded to the cache's float16, so a later run from the cache trains on the very same numbers (and a
+            # distributed run, whose rank 0 reads the other ranks' features back from the cache, matches one process).
+            features[i] = computed[i].astype(np.float16)
         elif digest is not None and all(digest in caches[v].vectors for v in views):
             features[i] = np.stack([caches[v].vectors[digest] for v in views]).astype(np.float32)
     return FeatureSet(features, errors, time.perf_counter() - started, len(computed), sorted(missing[processed:]))

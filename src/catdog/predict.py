@@ -26,6 +26,14 @@ from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, l
 from catdog.config import option
 from catdog.data import (DataError, ImageFileDataset, broken_link_problem, collate_skipping_bad_images, describe_left_out,
                          find_image_files)
+from catdog.distributed import (
+    all_gather_objects,
+    init_from_environment,
+    is_main_process,
+    main_process_first,
+    shard_indices,
+    world_size,
+)
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError
 from catdog.models import MODEL_SPECS, ZERO_TRAINING_MODEL_NAME, create_zero_training_model
@@ -131,6 +139,29 @@ class Predictor:
         return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started)
 
 
+def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batch_size: int = 64, tta: bool | None = None,
+                               num_workers: int = -1, progress: Callable[[int], None] | None = None) -> PredictionOutcome:
+    """`Predictor.predict_files` shared by the ranks of a torchrun launch: each rank predicts a disjoint share of
+    `paths` and every rank gets the whole outcome, in the order of `paths`, as one process would have it."""
+    positions = shard_indices(len(paths))
+    mine = predictor.predict_files([paths[i] for i in positions], batch_size, tta, num_workers, progress)
+    if world_size() == 1:
+        return mine
+    indices: list[int] = []
+    chunks: list[np.ndarray] = []
+    errors: list[ImageLoadError] = []
+    shares = all_gather_objects((positions, mine))
+    for share_positions, outcome in shares:
+        indices.extend(share_positions[i] for i in outcome.indices)
+        chunks.append(outcome.probabilities)
+        errors.extend(outcome.errors)
+    order = np.argsort(indices, kind="stable")
+    position_of = {str(path): i for i, path in enumerate(paths)}
+    errors.sort(key=lambda error: position_of.get(error.path, len(paths)))
+    return PredictionOutcome([indices[i] for i in order], np.concatenate(chunks)[order], errors,
+                             max(outcome.seconds for _, outcome in shares))
+
+
 def resolve_device(name: str) -> torch.device:
     from catdog.train import resolve_device as resolve
 
@@ -214,7 +245,8 @@ def kaggle_id(path: Path) -> str:
 
 def run_predict(config: PredictConfig, log: Callable[[str], None] | None = None) -> int:
     """Predict every readable file; return the process exit code (0, or EXIT_SOME_FILES_FAILED).
-    With `--output -` the CSV goes to standard output and every message to standard error."""
+    With `--output -` the CSV goes to standard output and every message to standard error. Under torchrun the
+    ranks predict disjoint shares of the files and rank 0 writes what one process would have written."""
     to_stdout = config.output == "-"
     if log is None:
         stream = sys.stderr if to_stdout else sys.stdout
@@ -225,12 +257,19 @@ def run_predict(config: PredictConfig, log: Callable[[str], None] | None = None)
     if not paths:
         summary = describe_left_out(left_out)
         raise DataError(f"no images to predict in {', '.join(config.paths)}" + (f"; {summary}" if summary else ""))
-    predictor = load_predictor(config.run, config.backend, config.device)
-    log(f"predicting {len(paths)} images with {predictor.describe()}")
+    device = init_from_environment(resolve_device(config.device))  # under torchrun: join the ranks sharing the files
+    with main_process_first():  # rank 0 exports the ONNX file once; the others then find it in the cache
+        predictor = load_predictor(config.run, config.backend, str(device))
+    if is_main_process():
+        log(f"predicting {len(paths)} images with {predictor.describe()}"
+            + (f" in {world_size()} processes" if world_size() > 1 else ""))
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(paths), unit="img", disable=not config.progress, dynamic_ncols=True, file=sys.stderr) as bar:
-        outcome = predictor.predict_files(paths, config.batch_size, config.tta, config.num_workers, bar.update)
+    with tqdm(total=len(shard_indices(len(paths))), unit="img", disable=not config.progress or not is_main_process(),
+              dynamic_ncols=True, file=sys.stderr) as bar:
+        outcome = predict_files_across_ranks(predictor, paths, config.batch_size, config.tta, config.num_workers, bar.update)
+    if not is_main_process():
+        return 0  # rank 0 writes the CSVs and reports
     names = predictor.class_names
     header = ["path", "label", "confidence"] + [f"prob_{name}" for name in names]
     rows = []

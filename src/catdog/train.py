@@ -44,6 +44,7 @@ from catdog.data import (
     discover,
     stratified_split,
 )
+from catdog.distributed import barrier, init_from_environment, is_main_process, world_size
 from catdog.files import write_csv_atomic, write_json_atomic
 from catdog.images import ImageLoadError
 from catdog.metrics import classification_metrics
@@ -267,11 +268,17 @@ def predict_logits(model: nn.Module, batches: Iterable[Batch], device: torch.dev
 def evaluate(model: nn.Module, batches: Iterable[Batch], loss_function: nn.Module, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     logits, labels, _, _ = predict_logits(model, batches, device, amp_dtype)
+    loss, accuracy = score_logits(logits, labels, loss_function)
+    return loss, accuracy, logits, labels
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, loss_function: nn.Module) -> tuple[float, float]:
+    """Validation loss and accuracy of a set of logits."""
     if not len(labels):
         raise DataError("no validation image could be loaded")
     loss = loss_function(logits, labels).item()
     accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return loss, accuracy, logits, labels
+    return loss, accuracy
 
 
 # ---------------------------------------------------------------- building blocks
@@ -340,13 +347,18 @@ class TrainResult:
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train a run. Under torchrun every process calls this with the same config (see `distributed.py`): rank 0
+    writes the run directory and speaks; the strategy decides how the others share the work."""
     started = time.perf_counter()
     run_dir = Path(config.resume or config.out)
     resume_state = None
-    if config.resume:
+    if config.resume:  # every rank reads the same last checkpoint
         config, resume_state = _load_resume(run_dir, config)
     deadline = started + config.time_budget * 60 if config.time_budget else None
-    device = resolve_device(config.device)
+    device = init_from_environment(resolve_device(config.device))
+    main = is_main_process()
+    if not main:
+        log = _quiet
     if not config.resume and (run_dir / LAST_CHECKPOINT_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run; pass --resume {run_dir} to continue it or choose another --out")
 
@@ -359,15 +371,18 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     strategy = resolve_strategy(config, device, len(train_images))
     config = strategy_defaults(config, strategy)
     seed_everything(config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device)})
-    write_json_atomic(run_dir / "split.json", {
-        "data": str(Path(config.data).resolve()), "root": str(images.root.resolve()), "layout": images.layout,
-        "seed": config.seed, "val_fraction": config.val_fraction, "class_names": images.class_names,
-        "train": train_images.relative_paths(), "val": val_images.relative_paths(),
-    })
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device),
+                                                    "processes": world_size()})
+        write_json_atomic(run_dir / "split.json", {
+            "data": str(Path(config.data).resolve()), "root": str(images.root.resolve()), "layout": images.layout,
+            "seed": config.seed, "val_fraction": config.val_fraction, "class_names": images.class_names,
+            "train": train_images.relative_paths(), "val": val_images.relative_paths(),
+        })
     log(f"data: {len(images)} images in {images.layout} layout, classes {images.class_counts()}; "
-        f"train {len(train_images)}, val {len(val_images)}; strategy {strategy} on {device}")
+        f"train {len(train_images)}, val {len(val_images)}; strategy {strategy} on {device}"
+        + (f" x {world_size()} processes" if world_size() > 1 else ""))
     if images.ignored:
         log(f"data: {len(images.ignored)} files not taken as images (e.g. {images.ignored[0][0]}: {images.ignored[0][1]})")
 
@@ -383,13 +398,25 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         outcome = train_head(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
     else:
         outcome = finetune(config, model, preprocess, train_images, val_images, device, run_dir, resume_state, deadline, log)
+    if main:
+        result = _finish_run(config, run_dir, model, preprocess, strategy, images.class_names, outcome, audit_skipped, started, log)
+    barrier()  # the run directory is complete before any rank returns
+    if not main:  # the other ranks return the run rank 0 wrote (the run directory is on a shared file system)
+        from catdog.checkpoint import read_meta
+
+        result = TrainResult(run_dir, read_meta(run_dir), [], audit_skipped, time.perf_counter() - started)
+    return result
+
+
+def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess: Preprocess, strategy: str,
+                class_names: list[str], outcome, audit_skipped: list[ImageLoadError], started: float, log) -> TrainResult:
+    """Calibrate on the validation logits, save the model with its metrics, list the skipped files."""
     history, skipped, val_logits, val_labels = outcome
     skipped = audit_skipped + skipped
-
     temperature = fit_temperature(val_logits, val_labels) if config.calibrate else 1.0
     probabilities = torch.softmax(val_logits / temperature, dim=1).numpy()
-    metrics = classification_metrics(val_labels.numpy(), probabilities, images.class_names)
-    meta = RunMeta(config.model, images.class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
+    metrics = classification_metrics(val_labels.numpy(), probabilities, class_names)
+    meta = RunMeta(config.model, class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
                    {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics})
     save_model(run_dir, model, meta)
     if skipped:
@@ -400,6 +427,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     log(f"validation accuracy {metrics['accuracy']:.4f}, log loss {metrics['log_loss']:.4f} "
         f"(temperature {temperature:.3f}); {seconds:.1f} s; run saved in {run_dir}")
     return TrainResult(run_dir, meta, history, skipped, seconds)
+
+
+def _quiet(_message: str) -> None:
+    """The log of ranks other than 0: one process speaks for a distributed run."""
 
 
 def _drop_files_a_current_audit_flagged(images: LabelledImages, log) -> tuple[LabelledImages, list[ImageLoadError]]:
@@ -434,8 +465,8 @@ def _load_resume(run_dir: Path, config: TrainConfig) -> tuple[TrainConfig, dict]
     if not checkpoint.is_file():
         raise ValueError(f"{run_dir}: nothing to resume (no {LAST_CHECKPOINT_FILE})")
     saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("resolved_strategy", None)
-    saved.pop("device", None)
+    for recorded in ("resolved_strategy", "device", "processes"):
+        saved.pop(recorded, None)
     saved_config = TrainConfig(**{**saved, "resume": str(run_dir), "out": str(run_dir), "progress": config.progress})
     return saved_config, load_training_state(checkpoint)
 
@@ -445,9 +476,11 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 class Tracker:
-    """Best-epoch keeping, early stopping, the time budget, history.csv and TensorBoard, in one place."""
+    """Best-epoch keeping, early stopping, the time budget, history.csv and TensorBoard, in one place.
+    `write_files=False` (ranks other than 0 of a distributed run) keeps the same bookkeeping without writing."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None, deadline: float | None):
+    def __init__(self, config: TrainConfig, run_dir: Path, resume_state: dict | None, deadline: float | None,
+                 write_files: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.config, self.run_dir = config, run_dir
@@ -455,7 +488,7 @@ class Tracker:
         self.best_loss = resume_state["best_loss"] if resume_state else float("inf")
         self.stale_epochs = resume_state["stale_epochs"] if resume_state else 0
         self.start_epoch = resume_state["epoch"] + 1 if resume_state else 0
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.start_epoch)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.start_epoch) if write_files else None
         self.deadline = deadline
 
     def record(self, epoch: int, result: EpochResult, val_loss: float, val_accuracy: float, learning_rate: float) -> bool:
@@ -467,10 +500,11 @@ class Tracker:
             "images_per_second": round(result.images / max(result.seconds, 1e-9), 1),
         }
         self.history.append(row)
-        _write_history(self.run_dir, self.history)
-        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
-            self.writer.add_scalar(key, row[key], epoch + 1)
-        self.writer.flush()
+        if self.writer is not None:
+            _write_history(self.run_dir, self.history)
+            for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second"):
+                self.writer.add_scalar(key, row[key], epoch + 1)
+            self.writer.flush()
         improved = val_loss < self.best_loss - 1e-6
         if improved:
             self.best_loss, self.stale_epochs = val_loss, 0
@@ -488,6 +522,10 @@ class Tracker:
     def state(self, epoch: int) -> dict:
         return {"epoch": epoch, "history": self.history, "best_loss": self.best_loss, "stale_epochs": self.stale_epochs}
 
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": repr(random.getstate())}
@@ -497,7 +535,6 @@ def progress_bar(enabled: bool, total: int, description: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
-
 
 
 def build_loss_function(config: TrainConfig, labels: list[int], num_classes: int) -> nn.Module:

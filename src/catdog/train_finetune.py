@@ -2,6 +2,12 @@
 
 On CUDA with mixed precision (bf16 where supported, else fp16 with a gradient scaler) and channels_last. The best
 epoch (lowest validation loss) is saved as the run's model; every epoch ends with a checkpoint to resume from.
+
+Under `torchrun --nproc_per_node K -m catdog train ...` the K processes train one model with DistributedDataParallel.
+`--batch-size` is the global batch: each process takes batch/K images per step and DDP averages the gradients, so
+a step sees the same number of images as one process with the same settings and the learning rate needs no change.
+To grow the batch with the GPUs instead, scale --lr with it (the linear scaling rule, Goyal et al. 2017, with the
+warmup catdog already does).
 """
 
 from __future__ import annotations
@@ -11,24 +17,35 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
 from catdog.checkpoint import LAST_CHECKPOINT_FILE, RunMeta, load_model, save_model, save_training_state
 from catdog.data import ImageFileDataset, LabelledImages, dataloader_options, default_num_workers
+from catdog.distributed import (
+    all_gather_objects,
+    barrier,
+    broadcast_from_main,
+    is_main_process,
+    rank,
+    shard_indices,
+    world_size,
+)
 from catdog.images import ImageLoadError
 from catdog.models import Classifier
 from catdog.train import (
+    EpochResult,
     TrainConfig,
     Tracker,
     build_loss_function,
     build_optimizer,
     build_scheduler,
     epoch_generator,
-    evaluate,
     predict_logits,
     progress_bar,
     rng_state,
     sampling_weights,
+    score_logits,
     seed_epoch,
     train_one_epoch,
 )
@@ -65,11 +82,28 @@ def augmentation_of_strength(strength: float) -> Augmentation:
 
 def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
              val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+    """Train `model` in place; return (history, skipped files, validation logits, validation labels).
+
+    Under torchrun every rank runs this with the same arguments: DistributedDataParallel averages the gradients,
+    DistributedSampler gives each rank a disjoint share of every epoch, validation is sharded and gathered, and rank
+    0 alone writes the run files."""
+    processes = world_size()
+    if config.batch_size % processes:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among the "
+                         f"{processes} processes")
+    if processes > 1 and config.class_balance == "sampler":
+        raise ValueError("--class-balance sampler is not supported with several processes; use --class-balance weights")
+    batch_per_process = config.batch_size // processes
+    main = is_main_process()
     workers = default_num_workers() if config.num_workers < 0 else config.num_workers
     unfreeze_backbone(model, 0.0 if config.freeze_backbone else config.unfreeze)
     augmentation = augmentation_of_strength(config.augmentation)
     train_dataset = ImageFileDataset(train_images.paths, train_images.labels, train_transform(preprocess, augmentation), preprocess.resize_size)
-    val_dataset = ImageFileDataset(val_images.paths, val_images.labels, eval_transform(preprocess), preprocess.resize_size)
+    # Validation is sharded without padding (each image on exactly one rank) and gathered, so every rank computes
+    # the same metrics over each validation image once.
+    val_positions = shard_indices(len(val_images))
+    val_dataset = ImageFileDataset([val_images.paths[i] for i in val_positions], [val_images.labels[i] for i in val_positions],
+                                   eval_transform(preprocess), preprocess.resize_size)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -82,48 +116,96 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     optimizer = build_optimizer(model.parameters(), config)
     steps_per_epoch = math.ceil(len(train_dataset) / config.batch_size)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    tracker = Tracker(config, run_dir, resume_state, deadline)
-    if resume_state:
+    tracker = Tracker(config, run_dir, resume_state, deadline, write_files=main)
+    if resume_state:  # every rank loads the same checkpoint: weights, optimizer moments, schedule position
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+    trained_model = model
+    distributed_sampler = None
+    if processes > 1:
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # drop_last: each rank gets the same number of distinct images, none repeated to pad the last share.
+        distributed_sampler = DistributedSampler(train_dataset, num_replicas=processes, rank=rank(), shuffle=True,
+                                                 seed=config.seed, drop_last=True)
     options = dataloader_options(device, workers)
     sample_weights = sampling_weights(config, torch.tensor(train_images.labels), len(train_images.class_names))
-    val_loader = DataLoader(val_dataset, batch_size=config.batch_size * 2, shuffle=False, **options)
+    val_loader = DataLoader(val_dataset, batch_size=batch_per_process * 2, shuffle=False, **options)
     plain_loss = nn.CrossEntropyLoss()
     skipped: dict[str, ImageLoadError] = {}
+    # Augmentation randomness differs between ranks (rank 0 keeps the one-process numbers); the shuffle is the
+    # sampler's, seeded alike on every rank.
+    rank_seed = config.seed + 7919 * rank()
     for epoch in range(tracker.start_epoch, config.epochs):
-        seed_epoch(config.seed, epoch)
-        generator = epoch_generator(config.seed, epoch)
-        sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
-                   if sample_weights is not None else None)
-        train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=sampler is None,
-                                  sampler=sampler, generator=generator, drop_last=len(train_dataset) > config.batch_size,
-                                  **options)
-        with progress_bar(config.progress, len(train_dataset), f"epoch {epoch + 1}/{config.epochs}") as bar:
+        seed_epoch(rank_seed, epoch)
+        generator = epoch_generator(rank_seed, epoch)
+        if distributed_sampler is not None:
+            distributed_sampler.set_epoch(epoch)
+            sampler = distributed_sampler
+        else:
+            sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
+                       if sample_weights is not None else None)
+        share = len(sampler) if sampler is not None else len(train_dataset)
+        train_loader = DataLoader(train_dataset, batch_size=batch_per_process, shuffle=sampler is None,
+                                  sampler=sampler, generator=generator, drop_last=share > batch_per_process, **options)
+        with progress_bar(config.progress and main, share, f"epoch {epoch + 1}/{config.epochs}") as bar:
             def show(count, loss, accuracy):
                 bar.update(count)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}",
                                 img_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
-            result = train_one_epoch(model, train_loader, optimizer, scheduler, loss_function, device,
+            result = train_one_epoch(trained_model, train_loader, optimizer, scheduler, loss_function, device,
                                      config.grad_clip, amp_dtype, scaler, show)
-        val_loss, val_accuracy, _, _ = evaluate(model, val_loader, plain_loss, device, amp_dtype)
+        result = combine_epoch_results(all_gather_objects(result))
+        val_logits, val_labels, _ = gather_validation_logits(model, val_loader, val_positions, device, amp_dtype)
+        val_loss, val_accuracy = score_logits(val_logits, val_labels, plain_loss)
         skipped.update({error.path: error for error in result.errors})
         log(f"epoch {epoch + 1}: train loss {result.loss:.4f} acc {result.accuracy:.4f}, val loss {val_loss:.4f} "
             f"acc {val_accuracy:.4f}, {result.images / result.seconds:.1f} img/s")
-        if tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0]):
-            save_model(run_dir, model, RunMeta(config.model, train_images.class_names, preprocess, 1.0, "finetune"))
-        save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
-            **tracker.state(epoch), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state()})
-        reason = tracker.should_stop(result.seconds)
+        improved = tracker.record(epoch, result, val_loss, val_accuracy, scheduler.get_last_lr()[0])
+        if main:
+            if improved:
+                save_model(run_dir, model, RunMeta(config.model, train_images.class_names, preprocess, 1.0, "finetune"))
+            save_training_state(run_dir / LAST_CHECKPOINT_FILE, {
+                **tracker.state(epoch), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()})
+        # Rank 0's clock decides the time budget, so every rank stops after the same epoch.
+        reason = broadcast_from_main(tracker.should_stop(result.seconds))
         if reason:
             log(reason)
             break
-    tracker.writer.close()
+    tracker.close()
+    barrier()  # rank 0 has written the best model
     best, _ = load_model(run_dir, device)
     model.load_state_dict(best.state_dict())
-    val_logits, val_labels, _, errors = predict_logits(model, val_loader, device, amp_dtype)
+    val_logits, val_labels, errors = gather_validation_logits(model, val_loader, val_positions, device, amp_dtype)
     skipped.update({error.path: error for error in errors})
     model.cpu()
     return tracker.history, list(skipped.values()), val_logits, val_labels
+
+
+def combine_epoch_results(results: list[EpochResult]) -> EpochResult:
+    """One epoch's figures over all ranks: losses and accuracies weighted by each rank's images, the slowest
+    rank's time."""
+    images = sum(result.images for result in results)
+    return EpochResult(
+        sum(result.loss * result.images for result in results) / max(images, 1),
+        sum(result.accuracy * result.images for result in results) / max(images, 1),
+        images,
+        max(result.seconds for result in results),
+        [error for result in results for error in result.errors],
+    )
+
+
+def gather_validation_logits(model: nn.Module, loader: DataLoader, positions: list[int], device: torch.device,
+                             amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, list[ImageLoadError]]:
+    """Logits and labels of every loadable validation image, each once and in split order, on every rank: this
+    rank predicts its share (`positions` in the split), the shares are gathered and put back in order."""
+    logits, labels, indices, errors = predict_logits(model, loader, device, amp_dtype)
+    shares = all_gather_objects((logits, labels, [positions[i] for i in indices.tolist()], errors))
+    order = torch.tensor([position for share in shares for position in share[2]], dtype=torch.long).argsort()
+    non_empty = [share for share in shares if len(share[1])]
+    if not non_empty:
+        return logits, labels, [error for share in shares for error in share[3]]
+    all_logits = torch.cat([share[0] for share in non_empty])[order]
+    all_labels = torch.cat([share[1] for share in non_empty])[order]
+    return all_logits, all_labels, [error for share in shares for error in share[3]]

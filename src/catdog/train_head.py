@@ -17,6 +17,8 @@ from torch import nn
 
 from catdog.checkpoint import LAST_CHECKPOINT_FILE, save_training_state
 from catdog.data import Batch, DataError, LabelledImages, default_num_workers
+from catdog.distributed import all_gather_objects, is_main_process, shard, shard_indices, world_size
+from catdog.features import FeatureSet, cache_folder, default_cache_dir, extract_features
 from catdog.images import ImageLoadError
 from catdog.models import Classifier
 from catdog.train import (
@@ -73,20 +75,22 @@ class HeadData:
 
 
 def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
-                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData:
+                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData | None:
     """Features of every training and validation photo, from the cache or the backbone. With a deadline the
-    extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log."""
-    from catdog.features import default_cache_dir, extract_features
-
+    extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log.
+    Under torchrun the ranks share the extraction (`extract_features_across_ranks`) and only rank 0 gets the data;
+    the others get None."""
     views = ("original", "flipped") if config.flip else ("original",)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
     # One pass over train and validation images together: one decoder process, one ONNX Runtime session.
     all_paths = train_images.paths + val_images.paths
-    with progress_bar(config.progress, len(all_paths), "features") as bar:
-        feature_set = extract_features(all_paths, backbone, config.model, preprocess, views, device=device,
-                                       cache_dir=cache_dir, num_workers=workers, progress=bar.update,
-                                       deadline=deadline, seed=config.seed)
+    with progress_bar(config.progress and is_main_process(), len(shard(all_paths)), "features") as bar:
+        feature_set = extract_features_across_ranks(all_paths, backbone, config.model, preprocess, views, device=device,
+                                                    cache_dir=cache_dir, num_workers=workers, progress=bar.update,
+                                                    deadline=deadline, seed=config.seed)
+    if feature_set is None:
+        return None
     log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
         f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
     count = len(train_images)
@@ -112,11 +116,44 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
                     val_features, val_labels, feature_set.errors)
 
 
+def extract_features_across_ranks(paths: list[Path], backbone: Callable[[], nn.Module], model_name: str,
+                                  preprocess: Preprocess, views: tuple[str, ...], **options) -> FeatureSet | None:
+    """`extract_features` shared by the ranks of a distributed run: each rank computes a disjoint share of the
+    files into the feature cache (so K GPUs extract K times faster and each feature is computed once), then rank 0
+    reads the whole set back from the cache and gets the FeatureSet one process would have; the other ranks get
+    None. The cache folder must be one all ranks see (a shared file system when they run on several machines)."""
+    if world_size() == 1:
+        return extract_features(paths, backbone, model_name, preprocess, views, **options)
+    positions = shard_indices(len(paths))
+    mine = extract_features([paths[i] for i in positions], backbone, model_name, preprocess, views, **options)
+    shares = all_gather_objects((mine.errors, mine.computed, [positions[i] for i in mine.not_reached], mine.seconds))
+    if not is_main_process():
+        return None
+    options = {key: value for key, value in options.items() if key not in ("progress", "deadline")}
+    whole = extract_features(paths, backbone, model_name, preprocess, views, compute_missing=False, **options)
+    errors = [error for share in shares for error in share[0]]
+    failed = {error.path for error in errors}
+    reported_not_reached = {position for share in shares for position in share[2]}
+    not_reached = [i for i in whole.not_reached if str(paths[i]) not in failed]
+    lost = [i for i in not_reached if i not in reported_not_reached]
+    if lost:
+        folder = cache_folder(options["cache_dir"], model_name, preprocess, views[0])
+        raise DataError(f"{paths[lost[0]]}: its features, computed by another rank, are not in the feature cache "
+                        f"{folder}; put --cache-dir on a file system every machine of the run shares")
+    return FeatureSet(whole.features, errors, max(share[3] for share in shares) + whole.seconds,
+                      sum(share[1] for share in shares), not_reached)
+
+
 def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
                val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+    """Train `model.head` on cached features; return (history, skipped files, validation logits, validation
+    labels). Under torchrun all ranks extract features, then rank 0 alone trains (seconds) and the others return
+    None."""
     # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
     extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
     data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline)
+    if data is None:
+        return None
     train_samples, train_sample_labels = data.train_samples, data.train_labels
     val_features, val_labels, skipped = data.val_features, data.val_labels, data.skipped
     head = model.head
@@ -153,6 +190,6 @@ def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, t
         log(f"head: {len(tracker.history)} epochs, best epoch {best['epoch']} val loss {best['val_loss']:.4f} "
             f"accuracy {best['val_accuracy']:.4f}")
     head.load_state_dict(best_head)
-    tracker.writer.close()
+    tracker.close()
     _, _, val_logits, val_label_tensor = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
     return tracker.history, skipped, val_logits, val_label_tensor
