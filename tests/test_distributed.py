@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,13 +33,12 @@ TESTS = Path(__file__).resolve().parent
 SOURCE = TESTS.parent / "src"
 
 
-def torchrun(arguments: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Two CPU workers under torchrun; the whole process group is killed afterwards."""
+def run_in_own_process_group(command: list[str], cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `command` (stdout and stderr together) in a new process group, killed as a whole afterwards."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SOURCE), os.environ.get("PYTHONPATH", "")]),
                    "OMP_NUM_THREADS": "1", "CATDOG_DIST_TIMEOUT_MINUTES": "3"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *arguments]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               cwd=cwd, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:
@@ -48,6 +48,12 @@ def torchrun(arguments: list[str], timeout: float = 240) -> subprocess.Completed
             pass
         process.wait()
     return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def torchrun(arguments: list[str]) -> subprocess.CompletedProcess:
+    """Two CPU workers under torchrun."""
+    return run_in_own_process_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                     "2", *arguments])
 
 
 def read_records(folder: Path, rank: int) -> list[dict]:
@@ -192,3 +198,17 @@ def test_sharded_predict_writes_the_one_process_csvs(tmp_path):
                        atol=1e-6, rtol=0)
     assert read_rows(tmp_path / "two.errors.csv") == read_rows(tmp_path / "one.errors.csv")
     assert len(read_rows(tmp_path / "one.errors.csv")) == 4
+
+
+def test_gpu_benchmark_smoke_setting_prints_its_table(tmp_path):
+    """The GPU benchmark's tiny CPU setting, so the script cannot rot between GPU machines."""
+    finished = run_in_own_process_group([sys.executable, str(TESTS.parent / "benchmarks" / "gpu_benchmark.py"), "--smoke"],
+                                        cwd=tmp_path)
+    output = finished.stdout
+    assert finished.returncode == 0, output
+    table = [line for line in output.splitlines() if line.startswith("| ")]
+    measures = [line.split("|")[1].strip() for line in table[1:]]
+    assert measures[0] == "finetune, 1 device, fp32" and "DDP, 2 processes" in measures
+    assert any(m.startswith("accuracy in") for m in measures) and "head extraction, 1 device" in measures
+    assert "predict, 1 device" in measures
+    assert all(re.search(r"[0-9.]+ img/s|val accuracy [0-9.]+", line) for line in table[1:])

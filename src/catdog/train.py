@@ -76,7 +76,7 @@ class TrainConfig:
     augmentation: float = option(1.0, "finetune: augmentation strength from 0 (random crops of the whole photo only) to 1 (the tutorial's crops, flips, rotation and colour jitter)")
     flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
     epochs: int = option(0, "epochs; 0: the strategy's default (head 40, finetune 10)")
-    batch_size: int = option(0, "batch size; 0: the strategy's default (head 256, finetune 32)")
+    batch_size: int = option(0, "batch size, global: under torchrun split evenly among the processes; 0: the strategy's default (head 256, finetune 32)")
     lr: float = option(0.0, "peak learning rate; 0: the strategy's default (head 3e-3, finetune 3e-4, from scratch 1e-3)")
     weight_decay: float = option(1e-4, "weight decay (decoupled for AdamW)")
     optimizer: str = option("adamw", "optimizer", choices=("adamw", "adam", "sgd"))

@@ -1,0 +1,145 @@
+"""Issue 11's acceptance figures for torchrun on a CPU (gloo), on the shared Kaggle photos.
+
+    python benchmarks/distributed_check.py [--parts finetune,head,extraction,predict]
+
+- finetune: EfficientNet-Lite0 fine-tuned for 1 epoch at 160 px on 1,000 shared photos (500 cats, 500 dogs; the
+  usual 80/20 split), global batch 32, by 1 process and by `torchrun --nproc_per_node 2`: validation accuracies
+  and their difference (acceptance: within 1 point);
+- head: the default run (Lite2 features at 300 px, head on the 6,000 photos) by 1 process from the feature cache
+  and by 2 processes from a cold cache, so the 2 processes extract every feature themselves: largest difference
+  of the two models' probabilities on the 500 test1 photos (acceptance: within 1e-4);
+- extraction: the same cold extraction of 1,000 photos by 1 and by 2 processes: seconds and the speed-up;
+- predict: `catdog predict` of test1 with the default run by 1 process and sharded over 2: whether the CSVs are
+  byte-identical, and the speed-up.
+Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import filecmp
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine_description, require_shared_data, run_timed  # noqa: E402
+
+ENVIRONMENT = {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def catdog(processes: int, arguments: list[str]) -> tuple[float, str]:
+    """Run `python -m catdog ARGUMENTS` as one process or under torchrun; return (seconds, output)."""
+    if processes == 1:
+        return run_timed([sys.executable, "-m", "catdog", *arguments], {"PYTHONPATH": str(ROOT / "src")})
+    return run_timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                      "-m", "catdog", "--", *arguments], ENVIRONMENT)
+
+
+def manifest_of_first_photos(data: Path, per_class: int, destination: Path) -> Path:
+    """A CSV manifest of cat.N / dog.N for the `per_class` smallest N present in the shared folder."""
+    rows = []
+    for name in ("cat", "dog"):
+        numbered = sorted((int(path.name.split(".")[1]), path) for path in (data / "train").glob(f"{name}.*.jpg"))
+        rows += [(str(path), name) for _, path in numbered[:per_class]]
+    with open(destination, "w", newline="") as stream:
+        csv.writer(stream).writerows([("path", "label"), *rows])
+    return destination
+
+
+def probabilities(csv_path: Path) -> tuple[list[str], np.ndarray]:
+    rows = list(csv.DictReader(open(csv_path)))
+    columns = [key for key in rows[0] if key.startswith("prob_")]
+    return [row["path"] for row in rows], np.array([[float(row[c]) for c in columns] for row in rows])
+
+
+def extraction_seconds(output: str) -> float:
+    return float(re.search(r"features: .* in ([0-9.]+) s", output).group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="finetune,head,extraction,predict")
+    parser.add_argument("--cache-dir", default="", help="warm feature cache of the default run; empty: catdog's default")
+    arguments = parser.parse_args()
+    parts = arguments.parts.split(",")
+    data = require_shared_data()
+    rows: list[tuple[str, str, str]] = []
+    print(f"machine: {machine_description()}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        if "finetune" in parts:
+            manifest = manifest_of_first_photos(data, 500, scratch / "photos-1000.csv")
+            options = ["train", "--data", str(manifest), "--model", "efficientnet_lite0", "--strategy", "finetune",
+                       "--epochs", "1", "--image-size", "160", "--batch-size", "32", "--no-progress"]
+            accuracies = {}
+            for processes in (1, 2):
+                seconds, output = catdog(processes, [*options, "--out", str(scratch / f"finetune-{processes}")])
+                meta = json.loads((scratch / f"finetune-{processes}" / "meta.json").read_text())
+                accuracies[processes] = meta["metrics"]["accuracy"]
+                rows.append((f"finetune Lite0 160 px, 1,000 photos, 1 epoch, {processes} process(es)",
+                             f"{seconds:.0f} s", f"val accuracy {accuracies[processes]:.4f}"))
+                print(rows[-1], flush=True)
+            rows.append(("finetune: 2 processes - 1 process", "",
+                         f"{100 * (accuracies[2] - accuracies[1]):+.2f} points"))
+        if "head" in parts or "predict" in parts:
+            warm_cache = ["--cache-dir", arguments.cache_dir] if arguments.cache_dir else []
+            seconds, _ = catdog(1, ["train", "--data", str(data / "train"), "--out", str(scratch / "head-1"),
+                                    "--no-progress", *warm_cache])
+            rows.append(("default head run, 1 process, warm feature cache", f"{seconds:.0f} s", ""))
+            print(rows[-1], flush=True)
+        if "head" in parts:
+            seconds, output = catdog(2, ["train", "--data", str(data / "train"), "--out", str(scratch / "head-2"),
+                                         "--no-progress", "--cache-dir", str(scratch / "cold-cache")])
+            rows.append(("default head run, 2 processes, cold feature cache", f"{seconds:.0f} s",
+                         f"extraction {extraction_seconds(output):.0f} s"))
+            print(rows[-1], flush=True)
+            for processes in (1, 2):
+                catdog(1, ["predict", "--run", str(scratch / f"head-{processes}"), str(data / "test1"),
+                           "--output", str(scratch / f"head-{processes}.csv"), "--no-progress"])
+            paths_1, probabilities_1 = probabilities(scratch / "head-1.csv")
+            paths_2, probabilities_2 = probabilities(scratch / "head-2.csv")
+            assert paths_1 == paths_2
+            rows.append(("default head run: 2 processes against 1, test1", "",
+                         f"max |probability difference| {np.abs(probabilities_1 - probabilities_2).max():.2e}"))
+            print(rows[-1], flush=True)
+        if "extraction" in parts:
+            manifest = manifest_of_first_photos(data, 500, scratch / "photos-1000.csv")
+            seconds_by_processes = {}
+            for processes in (1, 2):
+                _, output = catdog(processes, ["train", "--data", str(manifest), "--out", str(scratch / f"extract-{processes}"),
+                                               "--no-progress", "--cache-dir", str(scratch / f"extract-cache-{processes}"),
+                                               "--epochs", "1"])
+                seconds_by_processes[processes] = extraction_seconds(output)
+                shutil.rmtree(scratch / f"extract-cache-{processes}" / "features")
+            rows.append(("cold extraction, Lite2 300 px, 1,000 photos x 2 views",
+                         f"1 process {seconds_by_processes[1]:.0f} s, 2 processes {seconds_by_processes[2]:.0f} s",
+                         f"{seconds_by_processes[1] / seconds_by_processes[2]:.2f}x"))
+            print(rows[-1], flush=True)
+        if "predict" in parts:
+            seconds_by_processes = {}
+            for processes in (1, 2):
+                seconds_by_processes[processes], _ = catdog(processes, [
+                    "predict", "--run", str(scratch / "head-1"), str(data / "test1"),
+                    "--output", str(scratch / f"predict-{processes}.csv"), "--no-progress"])
+            same = filecmp.cmp(scratch / "predict-1.csv", scratch / "predict-2.csv", shallow=False)
+            rows.append(("predict test1 (500 photos), 1 process against 2",
+                         f"{seconds_by_processes[1]:.0f} s against {seconds_by_processes[2]:.0f} s "
+                         f"({seconds_by_processes[1] / seconds_by_processes[2]:.2f}x, with start-up)",
+                         "CSV byte-identical" if same else "CSVs DIFFER"))
+            print(rows[-1], flush=True)
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    print()
+    for row in rows:
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
