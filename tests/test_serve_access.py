@@ -101,6 +101,14 @@ def test_key_from_the_environment_and_bad_keys(monkeypatch):
         ServeConfig(workers=0)
 
 
+def test_workers_share_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert ServeConfig().inference_threads is None  # one worker: torch's default, all cores
+    assert ServeConfig(workers=2).inference_threads == max(1, cores // 2)
+    assert ServeConfig(workers=2 * cores).inference_threads == 1
+    assert ServeConfig(workers=2, threads=3).inference_threads == 3
+
+
 def test_warning_when_exposed_without_a_key(monkeypatch):
     monkeypatch.delenv("CATDOG_API_KEY", raising=False)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")

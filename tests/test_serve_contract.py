@@ -74,3 +74,26 @@ def served_app(tmp_path_factory):
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_the_service_keeps_its_contract(case, served_app):
     case.call_and_validate(headers=AUTHORIZATION)
+
+
+def test_the_schema_is_typed_versioned_and_names_its_operations(monkeypatch):
+    import catdog
+
+    monkeypatch.delenv("CATDOG_API_KEY", raising=False)
+    openapi = create_app(ServeConfig()).openapi()
+    assert openapi["info"]["version"] == catdog.__version__
+    operations = {path: next(iter(methods.values())) for path, methods in openapi["paths"].items()}
+    assert {path: operation["operationId"] for path, operation in operations.items()} == {
+        "/predict": "predict", "/predict/batch": "predict_batch", "/health": "health", "/ready": "ready", "/metrics": "metrics"}
+    for path, model in [("/predict", "Prediction"), ("/predict/batch", "BatchResult")]:
+        responses = operations[path]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert set(responses) == {"200", "413", "415", "422", "503"}  # no 401: this server has no key
+        for status in ("413", "415", "422", "503"):
+            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    batch_body = operations["/predict/batch"]["requestBody"]
+    assert batch_body["required"] is True
+    batch_form = batch_body["content"]["multipart/form-data"]["schema"]
+    assert batch_form["required"] == ["files"] and batch_form["properties"]["files"]["minItems"] == 1
+    assert set(operations["/metrics"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert openapi["components"]["schemas"]["ErrorBody"]["required"] == ["error", "detail"]

@@ -132,7 +132,10 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
         await batcher.stop()
         state.decoder.shutdown(wait=False)
 
-    app = FastAPI(title="catdog", description="Image classification service", version=catdog.__version__, lifespan=lifespan)
+    # Operation ids are the route functions' names (predict, predict_batch, health...): the names a generated client's
+    # functions get, instead of FastAPI's default "predict_predict_post".
+    app = FastAPI(title="catdog", description="Image classification service", version=catdog.__version__, lifespan=lifespan,
+                  generate_unique_id_function=lambda route: route.name)
     app.include_router(routes_predict.router)
     app.include_router(routes_health.router)
     if config.api_key:
