@@ -92,18 +92,22 @@ class EvalTransform:
         self.scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
         self.offset = (np.asarray(preprocess.mean, dtype=np.float32) / std).reshape(3, 1, 1)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in the source image's pixels (floats) of the square the model sees."""
         size, resize = self.preprocess.input_size, self.preprocess.resize_size
-        width, height = image.size
         scale = resize / min(width, height)
         resized_width, resized_height = max(size, round(width * scale)), max(size, round(height * scale))
         left, top = (resized_width - size) // 2, (resized_height - size) // 2
-        if (resized_width, resized_height) == image.size:
-            image = image.crop((left, top, left + size, top + size))
+        x_scale, y_scale = resized_width / width, resized_height / height
+        return left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        size = self.preprocess.input_size
+        box = self.crop_box(*image.size)
+        if box[2] - box[0] == size and box[3] - box[1] == size:  # no resizing: a plain crop
+            image = image.crop(tuple(int(v) for v in box))
         else:
-            # The crop's corners in source pixels (floats): resampling just this box gives the crop directly.
-            x_scale, y_scale = resized_width / width, resized_height / height
-            box = (left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale)
+            # Resampling just the crop's box (float corners) gives the crop directly.
             image = image.resize((size, size), self.resample, box=box, reducing_gap=None)
         channels_first = np.asarray(image).transpose(2, 0, 1).astype(np.float32)
         channels_first *= self.scale
