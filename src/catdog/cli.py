@@ -1,7 +1,7 @@
 """The `catdog` command: a thin layer that turns options into the library's config dataclasses.
 
 Exit codes: 0 success; 1 the job failed (bad data, bad run directory, training error); 2 bad command-line usage;
-3 `predict` wrote predictions but some input files could not be read (listed on stderr and in the errors CSV).
+3 `predict` (or `explain`) wrote its output but some input files could not be read (listed on stderr, and for predict in the errors CSV).
 """
 
 from __future__ import annotations
@@ -77,6 +77,19 @@ def _command_tune(arguments) -> int:
     return 0
 
 
+def _command_explain(arguments) -> int:
+    from catdog.explain import ExplainConfig, run_explain
+
+    return run_explain(config_from_arguments(ExplainConfig, arguments, arguments.config))
+
+
+def _command_report(arguments) -> int:
+    from catdog.report import ReportConfig, build_report
+
+    build_report(config_from_arguments(ReportConfig, arguments, arguments.config))
+    return 0
+
+
 def _command_models(arguments) -> int:
     from catdog.models import model_listing
 
@@ -98,6 +111,8 @@ COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...]]] = {
     "export": ("export a run to ONNX or TorchScript", "catdog.export:ExportConfig", _command_export, ()),
     "serve": ("web service and page for a run", "catdog.serve.app:ServeConfig", _command_serve, ()),
     "tune": ("hyper-parameter search with Optuna", "catdog.tune:TuneConfig", _command_tune, ()),
+    "explain": ("Grad-CAM: the photo with the predicted class's heatmap over it", "catdog.explain:ExplainConfig", _command_explain, ("paths",)),
+    "report": ("one self-contained HTML report of a run", "catdog.report:ReportConfig", _command_report, ()),
     "models": ("list the available models", None, _command_models, ()),
 }
 DATA_COMMANDS = {

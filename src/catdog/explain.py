@@ -71,6 +71,9 @@ class Explanation:
         self.overlay(max_side).save(buffer, format="PNG", optimize=True)
         return buffer.getvalue()
 
+    def _repr_png_(self) -> bytes:  # a notebook shows the overlay
+        return self.overlay_png()
+
 
 class ClassLogOdds(nn.Module):
     """The wrapped model's log-odds of each class: logit_c - logsumexp(logits of the other classes)."""
@@ -193,6 +196,19 @@ def heatmap_overlay(photo: Image.Image, heatmap: np.ndarray, max_side: int = OVE
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
     blended = (1 - OVERLAY_OPACITY) * pixels + OVERLAY_OPACITY * colours
     return Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def explainer_for(predictor) -> GradCamExplainer:
+    """A Grad-CAM explainer of a `predict.Predictor`'s model, with a model instance of its own (the predictor may
+    run ONNX Runtime, and Captum's hooks must not see the predictor's own forward passes)."""
+    return GradCamExplainer(predictor.build_model(), predictor.meta, predictor.device)
+
+
+def explain_image(predictor, image, tta: bool | None = None, explainer: GradCamExplainer | None = None) -> Explanation:
+    """Grad-CAM of the predicted class for one photo (a path or a PIL image), as `catdog.load(run).explain` gives.
+    Pass `explainer` (from `explainer_for`) to explain many photos without building the model each time."""
+    photo = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+    return (explainer or explainer_for(predictor)).explain(photo, tta)
 
 
 def load_explainer(run: str | None, device: str = "auto") -> GradCamExplainer:

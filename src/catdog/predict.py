@@ -63,6 +63,7 @@ class Predictor:
         self.preprocess = meta.preprocess
         self.temperature = meta.temperature
         self.device = device
+        self.build_model = build_model  # also builds a PyTorch twin for Grad-CAM (`explain.explainer_for`)
         self.transform = eval_transform(meta.preprocess)
         self.backend = backend if backend != "auto" else ("onnxruntime" if device.type == "cpu" else "torch")
         self.session = None

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class ServiceState:
     decoder: ThreadPoolExecutor
     metrics: ServiceMetrics
     ready: bool = False
+    explainer: object = None  # Grad-CAM model for /explain, built on its first request (routes_explain)
+    explain_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one explanation at a time
 
 
 def create_app(config: ServeConfig, predictor=None) -> FastAPI:
@@ -105,7 +108,7 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
     import torch
 
     from catdog.predict import load_predictor
-    from catdog.serve import routes_health, routes_predict
+    from catdog.serve import routes_explain, routes_health, routes_predict
     from catdog.serve.batching import MicroBatcher
 
     metrics = ServiceMetrics()
@@ -138,6 +141,7 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
                   generate_unique_id_function=lambda route: route.name)
     app.include_router(routes_predict.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_explain.router)
     if config.api_key:
         plain_openapi = app.openapi
 
@@ -169,7 +173,7 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
 
         started = time.perf_counter()
         response = await call_next(request)
-        route = request.url.path if request.url.path in ("/predict", "/predict/batch", "/", "/health", "/ready") else "other"
+        route = request.url.path if request.url.path in ("/predict", "/predict/batch", "/explain", "/", "/health", "/ready") else "other"
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - started)
         return response

@@ -77,15 +77,23 @@ async def uploaded_files(request: Request, field_names: tuple[str, ...], body_li
 
 
 def decode(service, name: str, data: bytes):
+    """The upload as the model's input tensor."""
+    return service.predictor.transform(decode_image(service, name, data))
+
+
+def decode_image(service, name: str, data: bytes, full_size: bool = False):
+    """The upload as an RGB image (JPEGs drafted down to what the model needs unless `full_size`), or a
+    RequestProblem with the status its fault deserves."""
     config = service.config
     if len(data) > config.max_upload_bytes:
         raise RequestProblem(413, "upload too large", f"{name}: {len(data)} bytes > limit {config.max_upload_bytes}")
     try:
-        image = load_image(data, max_pixels=config.max_pixels, name=name, draft_size=service.predictor.preprocess.resize_size)
+        draft_size = None if full_size else service.predictor.preprocess.resize_size
+        image = load_image(data, max_pixels=config.max_pixels, name=name, draft_size=draft_size)
     except ImageLoadError as error:
         status = STATUS_FOR_REASON.get(error.reason, 422)
         raise RequestProblem(status, error.reason, str(error)) from error
-    return service.predictor.transform(image)
+    return image
 
 
 async def classify(service, name: str, data: bytes) -> dict:

@@ -38,6 +38,12 @@ class Prediction(BaseModel):
     timing_ms: Timing
 
 
+class Explanation(Prediction):
+    """The classification of one image and the Grad-CAM heatmap of the predicted class over it."""
+
+    overlay_png: str = Field(description="the photo with the heatmap of the predicted class over it: a PNG, base64-encoded")
+
+
 class FilePrediction(Prediction):
     """A file of a batch that was classified."""
 

@@ -1,0 +1,73 @@
+"""`POST /explain`: the prediction for one image plus the Grad-CAM overlay of the predicted class (catdog.explain).
+
+It takes the same uploads as /predict and answers bad ones the same way (the upload helpers are routes_predict's).
+Grad-CAM needs gradients, so it runs a PyTorch twin of the served model, built on the first request, outside the
+micro-batcher and one explanation at a time (Captum's hooks live on that one model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+from fastapi import APIRouter, Request
+
+from catdog.serve.routes_predict import (
+    MULTIPART_OVERHEAD,
+    UPLOAD_DOC,
+    RequestProblem,
+    decode_image,
+    not_ready,
+    problem_response,
+    uploaded_files,
+)
+from catdog.serve.schemas import PREDICT_ERROR_RESPONSES, Explanation, error_response
+
+router = APIRouter()
+
+
+def explain_photo(service, photo):
+    """Grad-CAM of the predicted class, one at a time (the service's lock)."""
+    from catdog.explain import explainer_for
+
+    with service.explain_lock:
+        if service.explainer is None:
+            service.explainer = explainer_for(service.predictor)
+        return service.explainer.explain(photo, service.config.tta)
+
+
+@router.post("/explain", openapi_extra=UPLOAD_DOC, tags=["prediction"], response_model=Explanation,
+             responses=PREDICT_ERROR_RESPONSES)
+async def explain(request: Request):
+    """Classify one image (multipart field `file`, or the raw image as the body) and return the Grad-CAM heatmap of
+    the predicted class over it, as a base64 PNG."""
+    service = getattr(request.app.state, "service", None)
+    unavailable = not_ready(service)
+    if unavailable:
+        return unavailable
+    try:
+        files = await uploaded_files(request, ("file",), service.config.max_upload_bytes + MULTIPART_OVERHEAD, 1)
+        if len(files) != 1:  # as /predict answers
+            return error_response(422, "one file expected", "send one image; /explain explains one at a time")
+        ((name, data),) = files
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        photo = await loop.run_in_executor(service.decoder, decode_image, service, name, data, True)  # overlay: full size
+        decoded = time.perf_counter()
+        explanation = await asyncio.to_thread(explain_photo, service, photo)
+        overlay = await loop.run_in_executor(service.decoder, explanation.overlay_png)
+    except RequestProblem as problem:
+        return problem_response(problem)
+    finished = time.perf_counter()
+    predictor = service.predictor
+    return {
+        "label": explanation.label,
+        "confidence": round(explanation.confidence, 6),
+        "probabilities": {name: round(float(p), 6) for name, p in zip(explanation.class_names, explanation.probabilities)},
+        "model": predictor.model_name,
+        "zero_training": predictor.is_zero_training,
+        "timing_ms": {"decode": round(1000 * (decoded - started), 2), "inference": round(1000 * (finished - decoded), 2),
+                      "total": round(1000 * (finished - started), 2)},
+        "overlay_png": base64.b64encode(overlay).decode("ascii"),
+    }
