@@ -80,3 +80,25 @@ def test_upload_a_photo_and_read_the_label(server):
         browser.close()
     assert label == "dog" and bars == 2
     assert (SCREENSHOT_DIR / "serve_page.png").stat().st_size > 5000
+
+
+def test_explain_switch_shows_the_heatmap(server):
+    from playwright.sync_api import sync_playwright
+
+    url, photo = server
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(f"{url}?key={API_KEY}")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+        page.check("#explain")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.getElementById('result').classList.contains('explained')", timeout=60_000)
+        label = page.text_content("#label")
+        overlay = page.eval_on_selector("#overlay", "i => [i.src.slice(0, 22), i.complete && i.naturalWidth, i.offsetWidth]")
+        page.screenshot(path=str(SCREENSHOT_DIR / "serve_page_explain.png"), full_page=True)
+        browser.close()
+    assert label == "dog"
+    assert overlay[0] == "data:image/png;base64," and overlay[1] == 320 and overlay[2] > 0  # shown, at the photo's size
