@@ -50,6 +50,8 @@ def test_running_tune_again_continues_the_sqlite_study(tmp_path):
     assert (first["trials"], second["trials"]) == (3, 5)
     rows = list(csv.DictReader(open(tmp_path / "tune" / "trials.csv")))
     assert [int(row["number"]) for row in rows] == [0, 1, 2, 3, 4]
+    # A new study's first trial is catdog train's own head settings (max_epochs caps the epochs).
+    assert (float(rows[0]["lr"]), int(rows[0]["batch_size"]), int(rows[0]["epochs"])) == (3e-3, 256, 4)
     assert second["best_val_loss"] <= first["best_val_loss"]  # the study's best can only improve
     # The continuation draws new parameters instead of replaying the first run's proposals.
     assert len({row["lr"] for row in rows}) == 5
