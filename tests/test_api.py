@@ -175,11 +175,15 @@ def test_predict_unreadable_inputs_raise_or_are_skipped(api_run, tmp_path):
         model.predict([3])
 
 
+@pytest.mark.slow
 def test_load_without_a_run_is_the_builtin_model():
     model = catdog.load(backend="torch")
     assert model.run is None and model.class_names == ["cat", "dog"]
-    [prediction] = model.predict(colour_image(0, 1, size=(96, 80)))
+    picture = colour_image(0, 1, size=(96, 80))
+    [prediction] = model.predict(picture)
     assert set(prediction.probabilities) == {"cat", "dog"}
+    explanation = model.explain(picture)
+    assert explanation.label == prediction.label and explanation.heatmap.shape == (80, 96)
 
 
 def test_load_refuses_what_is_not_a_run(tmp_path):
@@ -200,3 +204,25 @@ def test_tune_best_params_train_a_run(tmp_path):
     for name, value in study["best_params"].items():
         assert run.config[name] == value
 
+
+def test_explain_a_file_and_a_pil_image(api_run):
+    run, data = api_run
+    model = catdog.load(run, backend="torch")
+    photo_path = data / "dog.1.jpg"
+    [prediction] = model.predict(photo_path)
+    explanation = model.explain(photo_path)
+    with Image.open(photo_path) as opened:
+        width, height = opened.size
+        from_memory = model.explain(opened.copy())
+    assert explanation.label == prediction.label
+    assert np.allclose(explanation.probabilities, [prediction.probabilities[name] for name in model.class_names], atol=1e-4)
+    assert explanation.heatmap.shape == (height, width) and 0.0 <= explanation.heatmap.min() <= explanation.heatmap.max() <= 1.0
+    assert explanation.overlay().size == (width, height)
+    assert np.allclose(from_memory.heatmap, explanation.heatmap, atol=1e-5)
+    other = "cat" if prediction.label == "dog" else "dog"
+    against = model.explain(photo_path, target=other)
+    assert np.allclose(against.probabilities, explanation.probabilities) and not np.allclose(against.heatmap, explanation.heatmap)
+    with pytest.raises(ValueError, match="unknown class 'horse'"):
+        model.explain(photo_path, target="horse")
+    with pytest.raises(ImageLoadError, match="missing.jpg"):
+        model.explain(data / "missing.jpg")

@@ -175,10 +175,9 @@ class Model:
     `catdog.serve.app.create_app(ServeConfig(), predictor=model.predictor)` serves the same model.
     """
 
-    def __init__(self, predictor: "Predictor", run: Run | None, device: str = "auto"):
+    def __init__(self, predictor: "Predictor", run: Run | None):
         self.predictor = predictor
         self.run = run
-        self.device = device
         self._explainer = None  # built on the first explain(): Grad-CAM needs the PyTorch model and captum
 
     @property
@@ -264,7 +263,7 @@ class Model:
         heatmap over it, a PIL image). target: the class to explain; None: the predicted class."""
         from PIL import Image
 
-        from catdog.explain import load_explainer
+        from catdog.explain import explainer_for
         from catdog.images import load_image, to_rgb
 
         if target is not None and target not in self.class_names:
@@ -276,7 +275,7 @@ class Model:
         else:
             raise TypeError(f"explain() takes a path or a PIL image, not {type(image).__name__}")
         if self._explainer is None:
-            self._explainer = load_explainer(str(self.run.path) if self.run else "", self.device)
+            self._explainer = explainer_for(self.predictor)
         return self._explainer.explain(photo, tta=tta, target=None if target is None else self.class_names.index(target))
 
 
@@ -288,6 +287,6 @@ def load(run: RunLike | None = None, *, backend: str = "auto", device: str = "au
     from catdog.predict import load_predictor
 
     if run is None:
-        return Model(load_predictor("", backend, device), None, device)
+        return Model(load_predictor("", backend, device), None)
     opened = run if isinstance(run, Run) else Run.open(run)
-    return Model(load_predictor(str(opened.path), backend, device), opened, device)
+    return Model(load_predictor(str(opened.path), backend, device), opened)
