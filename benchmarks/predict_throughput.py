@@ -1,26 +1,36 @@
-"""Folder prediction throughput: `catdog predict` (each backend) vs the tutorial's one-image-at-a-time loop.
+"""Folder prediction throughput of a default run against the tutorial's one-photo-at-a-time loop, with the
+accuracy check of predict's mirror-view scheme.
 
 End to end, from JPEG files on disk to the CSV, process start included for catdog (a fresh `catdog predict`
-process per measurement, after one untimed warm-up run that fills the ONNX cache as a first use would).
-Inputs: ../shared/data/dogs-vs-cats/test1 (500 photos, 200x200), the 6,000 train photos as an unlabelled folder of a
-few thousand, the 500 test photos upscaled to Kaggle's typical original size (500x375), and 200 of them upscaled to
-2000x1500 (large photos).
-catdog runs its built-in zero-training cat/dog model (EfficientNet-Lite0, 224 px). The tutorial's loop runs three
-models: its ResNet-18 (the reference: the issue's "about 15 images/s"), catdog's Lite0 (same model, so the ratio
-isolates the loop), and its small CNN.
+process per measurement, after one untimed warm-up run that fills the ONNX cache as a first use would); the
+tutorial loop runs in this process (its imports already paid), as before. Input: the 500 test1 photos upscaled to
+Kaggle's typical original size (500x375). Contenders, interleaved over `--rounds` rounds (the median is reported,
+since the machine may be shared):
+- `catdog predict --run RUN FOLDER`: a default run (Lite2 features at 300 px, validated with mirror averaging), as
+  a user runs it;
+- the same with `--tta` (the mirror view for every photo) and with `--tta --batch-size 64` (0.3.0's batching);
+- the tutorial's loop with its ResNet-18 (the reference).
 
-    python benchmarks/predict_throughput.py [--skip-large] [--skip-train]
+Accuracy: on the run's validation split (1,200 shared photos), accuracy and log loss of the mirror view for every
+photo against predict's scheme (the mirror view only below the run's `mirror_below` first-view confidence); on the
+unseen test1 photos, how often the two agree. Profile: where a photo's time goes (start-up, decoding,
+preprocessing, first-view inference at 1 and 64 photos per batch, the share of photos given the mirror view).
+
+    python benchmarks/predict_throughput.py [--run RUN] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -33,25 +43,18 @@ def tutorial_model(name: str):
 
     resnet18: the tutorial's transfer-learning model (torchvision ResNet-18 with a 2-class head). Its ImageNet
         weights are not available offline here, so it runs with random weights: the arithmetic, and so the speed,
-        is the same. This is the reference the issue's "about 15 images/s" figure describes.
-    efficientnet_lite0: catdog's own zero-training model in the tutorial's loop (same model, different loop).
-    simple_cnn: the tutorial's from-scratch network (fast, but at chance accuracy after the tutorial's training).
+        is the same.
     """
     import torchvision
 
-    from catdog.models import create_model, create_zero_training_model
     from catdog.transforms import Preprocess
 
-    if name == "resnet18":
-        model = torchvision.models.resnet18(weights=None)
-        model.fc = torch.nn.Linear(512, 2)
-        return model, Preprocess(224, 0.875)
-    if name == "simple_cnn":
-        return create_model("simple_cnn", 2), Preprocess(224, 0.875)
-    return create_zero_training_model()
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = torch.nn.Linear(512, 2)
+    return model, Preprocess(224, 0.875)
 
 
-def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str, limit: int | None = None) -> tuple[float, int]:
+def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str = "resnet18") -> tuple[float, int]:
     """The tutorial's predict_image: open, transform, one forward pass per image, eager PyTorch; then the CSV."""
     from torchvision import transforms
 
@@ -60,7 +63,7 @@ def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str, lim
     model.eval()
     transform = transforms.Compose([transforms.Resize(preprocess.resize_size), transforms.CenterCrop(preprocess.input_size),
                                     transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)])
-    paths = sorted(folder.glob("*.jpg"))[:limit]
+    paths = sorted(folder.glob("*.jpg"))
     rows = []
     for path in paths:
         image = Image.open(path).convert("RGB")
@@ -72,15 +75,6 @@ def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str, lim
     return time.perf_counter() - started, len(paths)
 
 
-TUTORIAL_MODELS = {
-    "resnet18": "tutorial loop, ResNet-18 (its model)",
-    "efficientnet_lite0": "tutorial loop, Lite0 (catdog's model)",
-    "simple_cnn": "tutorial loop, small CNN (chance acc.)",
-}
-REFERENCE = TUTORIAL_MODELS["resnet18"]
-SAME_MODEL = TUTORIAL_MODELS["efficientnet_lite0"]
-
-
 def make_resized_photos(source: Path, target: Path, count: int, size: tuple[int, int]) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.glob("*.jpg"))[:count]:
@@ -88,52 +82,156 @@ def make_resized_photos(source: Path, target: Path, count: int, size: tuple[int,
     return target
 
 
-def catdog_predict(folder: Path, output: Path, backend: str, cache: Path) -> tuple[float, int]:
-    command = CATDOG + ["predict", str(folder), "--output", str(output), "--backend", backend, "--no-progress"]
-    seconds, _ = run_timed(command, env={"CATDOG_CACHE": str(cache)})
+def catdog_predict(run: Path, folder: Path, output: Path, *options: str) -> tuple[float, int]:
+    command = CATDOG + ["predict", "--run", str(run), str(folder), "--output", str(output), "--no-progress", *options]
+    seconds, _ = run_timed(command)
     with open(output) as stream:
         return seconds, sum(1 for _ in stream) - 1
 
 
+def read_probabilities(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as stream:
+        return {row["path"]: np.array([float(row["prob_cat"]), float(row["prob_dog"])]) for row in csv.DictReader(stream)}
+
+
+def train_default_run(data: Path, run: Path) -> Path:
+    """A default run (`catdog train` with no preset or model option) from the cached features of the shared photos."""
+    seconds, output = run_timed(CATDOG + ["train", "--data", str(data / "train"), "--out", str(run), "--no-progress"])
+    print(f"trained the default run in {seconds:.0f} s: {output.strip().splitlines()[-1]}", flush=True)
+    return run
+
+
+def both_views(predictor, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
+    """Logits of each photo and of its mirror image, [photos, 2, classes], through the predictor's own model."""
+    from catdog.images import ImageLoadError, load_image
+
+    logits, kept = [], []
+    for index, path in enumerate(paths):
+        try:
+            image = predictor.transform.array(load_image(path, draft_size=predictor.preprocess.resize_size))
+        except ImageLoadError:
+            continue
+        views = np.stack([image, image[..., ::-1]])
+        logits.append(predictor.logits(views))
+        kept.append(index)
+    return np.stack(logits), kept
+
+
+def scheme_probabilities(view_logits: np.ndarray, temperature: float, mirror_below: float | None) -> tuple[np.ndarray, np.ndarray, float]:
+    from catdog.predict import softmax
+
+    everything = softmax(view_logits.mean(axis=1) / temperature)
+    first = softmax(view_logits[:, 0] / temperature)
+    unsure = first.max(axis=1) < (mirror_below if mirror_below is not None else np.inf)
+    return everything, np.where(unsure[:, None], everything, first), float(unsure.mean())
+
+
+def accuracy_check(run: Path) -> dict:
+    from catdog.predict import load_predictor
+
+    predictor = load_predictor(str(run))
+    split = json.loads((run / "split.json").read_text())
+    paths = [Path(split["root"]) / relative for relative in split["val"]]
+    labels = np.array([split["class_names"].index(Path(p).name.split(".")[0]) for p in split["val"]])
+    view_logits, kept = both_views(predictor, paths)
+    labels = labels[kept]
+    everything, scheme, share = scheme_probabilities(view_logits, predictor.temperature, predictor.meta.mirror_below)
+
+    def figures(probabilities):
+        picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-15, 1.0)
+        return float((probabilities.argmax(axis=1) == labels).mean()), float(-np.log(picked).mean())
+
+    return {"photos": len(labels), "mirror_below": predictor.meta.mirror_below, "mirrored_share": share,
+            "every_photo": figures(everything), "scheme": figures(scheme)}
+
+
+def profile(run: Path, folder: Path, scratch: Path) -> dict:
+    """Where a photo's time goes, measured in this process (start-up: a fresh process predicting one photo)."""
+    from catdog.images import load_image
+    from catdog.predict import load_predictor, softmax
+
+    single = scratch / "one"
+    single.mkdir(exist_ok=True)
+    first_photo = sorted(folder.glob("*.jpg"))[0]
+    (single / first_photo.name).write_bytes(first_photo.read_bytes())
+    startup = min(catdog_predict(run, single, scratch / "one.csv")[0] for _ in range(3))
+    started = time.perf_counter()
+    predictor = load_predictor(str(run))
+    session_seconds = time.perf_counter() - started
+    paths = sorted(folder.glob("*.jpg"))[:64]
+    started = time.perf_counter()
+    images = [load_image(path, draft_size=predictor.preprocess.resize_size) for path in paths]
+    decode = (time.perf_counter() - started) / len(paths)
+    started = time.perf_counter()
+    arrays = np.stack([predictor.transform.array(image) for image in images])
+    preprocess = (time.perf_counter() - started) / len(paths)
+    predictor.logits(arrays[:1])
+    started = time.perf_counter()
+    first_view = np.concatenate([predictor.logits(arrays[i : i + 1]) for i in range(len(arrays))])
+    one_at_a_time = (time.perf_counter() - started) / len(paths)
+    started = time.perf_counter()
+    predictor.logits(arrays)
+    batch_of_64 = (time.perf_counter() - started) / len(paths)
+    mirror_below = predictor.meta.mirror_below
+    confidence = softmax(first_view / predictor.temperature).max(axis=1)
+    return {"start-up and one photo (fresh process), s": startup, "ONNX session load, s": session_seconds,
+            "decode, ms/photo": decode * 1e3, "resize+crop+normalise, ms/photo": preprocess * 1e3,
+            "first view, 1 photo per run, ms/photo": one_at_a_time * 1e3,
+            "first view, 64 photos per run, ms/photo": batch_of_64 * 1e3,
+            "share given the mirror view (these 64)": float((confidence < (mirror_below or np.inf)).mean())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--tutorial-limit", type=int, default=300, help="images the (slow) tutorial loop gets per folder")
+    parser.add_argument("--run", default="", help="a default run to use; empty: train one (cached features)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every contender")
+    parser.add_argument("--skip-accuracy", action="store_true")
     arguments = parser.parse_args()
     data = require_shared_data()
-    results: list[tuple[str, str, float, int]] = []
     with tempfile.TemporaryDirectory(prefix="catdog-predict-bench-") as scratch:
         scratch = Path(scratch)
-        cache = scratch / "cache"
-        folders = {"test1 (500, ~200 px)": data / "test1"}
-        if not arguments.skip_train:
-            folders["train as unlabelled (6000, ~200 px)"] = data / "train"
-        if not arguments.skip_large:
-            folders["Kaggle original size (500, 500x375)"] = make_resized_photos(data / "test1", scratch / "original", 500, (500, 375))
-            folders["large (200, 2000x1500)"] = make_resized_photos(data / "test1", scratch / "large", 200, (2000, 1500))
-        catdog_predict(data / "test1", scratch / "warmup.csv", "onnxruntime", cache)  # first use: exports the ONNX file
-        for name, folder in folders.items():
-            for backend in ("onnxruntime", "torch"):
-                seconds, count = catdog_predict(folder, scratch / f"{backend}.csv", backend, cache)
-                results.append((name, f"catdog predict --backend {backend}", seconds, count))
-                print(results[-1], flush=True)
-            for model_name, contender in TUTORIAL_MODELS.items():
-                seconds, count = tutorial_predict_image_loop(folder, scratch / "tutorial.csv", model_name, arguments.tutorial_limit)
-                results.append((name, contender, seconds, count))
-                print(results[-1], flush=True)
+        run = Path(arguments.run) if arguments.run else train_default_run(data, scratch / "run")
+        folder = make_resized_photos(data / "test1", scratch / "original", 500, (500, 375))
+        catdog_predict(run, folder, scratch / "warmup.csv")  # first use: exports the run's ONNX file
+        contenders = {
+            "catdog predict --run RUN FOLDER": lambda out: catdog_predict(run, folder, out),
+            "  same, --tta (mirror for every photo)": lambda out: catdog_predict(run, folder, out, "--tta"),
+            "  same, --tta --batch-size 64 (0.3.0)": lambda out: catdog_predict(run, folder, out, "--tta", "--batch-size", "64"),
+            "tutorial loop, ResNet-18 (reference)": lambda out: tutorial_predict_image_loop(folder, out),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_index in range(arguments.rounds):
+            for position, (name, measure) in enumerate(contenders.items()):
+                seconds, count = measure(scratch / f"contender-{position}.csv")
+                rates[name].append(count / seconds)
+                print(f"round {round_index + 1}: {name.strip():42s} {count} photos in {seconds:6.1f} s = {count / seconds:5.1f}/s", flush=True)
+        scheme = read_probabilities(scratch / "contender-0.csv")
+        every = read_probabilities(scratch / "contender-1.csv")
+        agreement = np.mean([scheme[p].argmax() == every[p].argmax() for p in every])
+        largest_difference = max(float(np.abs(scheme[p] - every[p]).max()) for p in every)
+        profiled = profile(run, folder, scratch)
+        accuracy = None if arguments.skip_accuracy else accuracy_check(run)
+
     print(f"\nmachine: {machine_description()}")
-    print("ratios: 'vs tutorial' against the tutorial's loop with its ResNet-18; 'vs same model' against the tutorial's "
-          "loop running catdog's Lite0")
-    print(f"{'input':38s} {'contender':40s} {'images':>7s} {'wall s':>8s} {'images/s':>9s} {'vs tutorial':>11s} {'vs same model':>13s}")
-    for name in dict.fromkeys(r[0] for r in results):
-        rows = [r for r in results if r[0] == name]
-        reference_rate = next(count / seconds for _, contender, seconds, count in rows if contender == REFERENCE)
-        same_model_rate = next(count / seconds for _, contender, seconds, count in rows if contender == SAME_MODEL)
-        for _, contender, seconds, count in rows:
-            rate = count / seconds
-            print(f"{name:38s} {contender:40s} {count:7d} {seconds:8.1f} {rate:9.1f} {rate / reference_rate:10.2f}x "
-                  f"{rate / same_model_rate:12.2f}x")
+    print("input: the 500 test1 photos at 500x375 (Kaggle's typical original size); images/s end to end, median of "
+          f"{arguments.rounds} interleaved rounds; catdog in a fresh process each time (start-up included)")
+    reference = statistics.median(rates["tutorial loop, ResNet-18 (reference)"])
+    print(f"{'contender':44s} {'images/s':>9s} {'vs tutorial':>12s}   rounds")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"{name:44s} {rate:9.1f} {rate / reference:11.2f}x   {', '.join(f'{v:.1f}' for v in values)}")
+    print("\nprofile (this process; the machine's load shifts these):")
+    for key, value in profiled.items():
+        print(f"  {key:44s} {value:8.3f}")
+    print(f"\nunseen photos (test1 at 500x375): the scheme agrees with the mirror view for every photo on {agreement:.1%} "
+          f"of {len(every)} labels; largest probability difference {largest_difference:.4f}")
+    if accuracy:
+        (every_accuracy, every_loss), (scheme_accuracy, scheme_loss) = accuracy["every_photo"], accuracy["scheme"]
+        print(f"validation split ({accuracy['photos']} photos), mirror_below {accuracy['mirror_below']}, "
+              f"{accuracy['mirrored_share']:.1%} given the mirror view:")
+        print(f"  mirror view for every photo: accuracy {every_accuracy:.4%}, log loss {every_loss:.5f}")
+        print(f"  predict's scheme:            accuracy {scheme_accuracy:.4%}, log loss {scheme_loss:.5f} "
+              f"(differences {100 * (scheme_accuracy - every_accuracy):+.3f} points, {scheme_loss - every_loss:+.5f})")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 from pathlib import Path
 
@@ -100,5 +100,5 @@ def test_400_links_to_the_shared_photos_train(shared_data, tmp_path):
                  "finetune", "--epochs", "1", "--batch-size", "32", "--image-size", "32", "--num-workers", "0",
                  "--no-progress"])
     assert code == 0
-    split = __import__("json").loads((tmp_path / "run" / "split.json").read_text())
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 400

@@ -16,16 +16,19 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from catdog import __version__
 from catdog.files import atomic_path, write_json_atomic
-from catdog.models import Classifier, create_model
 from catdog.transforms import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+    from catdog.models import Classifier
+
+# torch, safetensors and the models are imported where they are used: reading a run's metadata (predict with a
+# cached ONNX file) then never pays for importing torch.
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -49,6 +52,9 @@ class RunMeta:
     tta: whether validation (and the temperature) averaged each image with its mirror image; predict does the same
     unless told otherwise.
     metrics: validation figures at the best epoch.
+    mirror_below: with tta, predict adds the mirror view only for photos whose first-view confidence is below this
+    (chosen on the validation split so that accuracy and log loss stay those of averaging every photo; see
+    `predict.choose_mirror_threshold`); None: every photo gets it.
     """
 
     model_name: str
@@ -58,6 +64,7 @@ class RunMeta:
     strategy: str = "finetune"
     tta: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+    mirror_below: float | None = None
     catdog_version: str = __version__
 
     def to_dict(self) -> dict:
@@ -74,6 +81,8 @@ class RunMeta:
 
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
@@ -105,6 +114,8 @@ def check_not_pickle(path: str | os.PathLike) -> None:
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
     check_not_pickle(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
@@ -117,6 +128,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Classifier, RunMeta]:
     """The best model of a run, in eval mode, with its metadata."""
+    from catdog.models import create_model
+
     run_dir = Path(run_dir)
     check_not_pickle(run_dir)
     if run_dir.is_file():
@@ -136,6 +149,8 @@ def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
     """Split a nested structure into {dotted key: tensor} and a JSON-able skeleton with placeholders."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(value: Any, key: str) -> Any:

@@ -122,56 +122,79 @@ DATA_COMMANDS = {
 }
 
 
-def _add_commands(subparsers, commands) -> None:
+def _add_commands(subparsers, commands, wanted: str | None) -> None:
+    """One sub-command per entry; its options (which import its module) only for `wanted` (None: all of them)."""
     for name, (help_text, config_path, handler, positional) in commands.items():
         parser = subparsers.add_parser(name, help=help_text, description=help_text)
         parser.set_defaults(handler=handler)
-        if config_path:
+        if config_path and wanted in (None, name):
             config_class = _config_class(*config_path.split(":"))
             parser.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
             add_config_arguments(parser, config_class, positional)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_command(argv: Sequence[str]) -> list[str]:
+    """The command words at the front of `argv` (["predict"], ["data", "audit"]); empty when there are none."""
+    words = []
+    for token in argv:
+        if token.startswith("-") or len(words) == (2 if words[:1] == ["data"] else 1):
+            break
+        words.append(token)
+    return words
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Given `argv`, only the invoked command's options are built: each command's options come from its
+    config class, and importing every command's module would import training, tuning and serving code (torch,
+    Optuna, FastAPI) for every command; `catdog predict` on ONNX Runtime needs none of them."""
+    words = _requested_command(argv) if argv is not None else []
+    wanted = words[0] if words else None
     parser = argparse.ArgumentParser(prog="catdog", description="Train, evaluate, export and serve image classifiers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_commands(subparsers, COMMANDS)
+    _add_commands(subparsers, COMMANDS, wanted)
     data_parser = subparsers.add_parser("data", help="look at a data set")
     data_subparsers = data_parser.add_subparsers(dest="data_command", required=True)
-    _add_commands(data_subparsers, DATA_COMMANDS)
+    _add_commands(data_subparsers, DATA_COMMANDS, words[1] if wanted == "data" and len(words) > 1 else None)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        # `torchrun ... -m catdog -- predict --run RUN`: the `--` keeps torchrun from reading --run as an
-        # abbreviation of its own --run-path; depending on the Python version it reaches catdog too.
-        argv = argv[1:]
-    arguments = parser.parse_args(argv)
+def _failure_types() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the job failed" (exit 1). Imported once an error is raised, not at every start, since
+    their modules import torch and Optuna."""
     from catdog.checkpoint import RunError
     from catdog.data import DataError
     from catdog.images import ImageLoadError
     from catdog.models import PretrainedWeightsUnavailable
     from catdog.tune import StudyStorageError
 
+    return DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, StudyStorageError, FileNotFoundError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        # `torchrun ... -m catdog -- predict --run RUN`: the `--` keeps torchrun from reading --run as an
+        # abbreviation of its own --run-path; depending on the Python version it reaches catdog too.
+        argv = argv[1:]
+    arguments = build_parser(argv).parse_args(argv)
     try:
         return arguments.handler(arguments)
-    except (DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, StudyStorageError, FileNotFoundError) as error:
-        print(f"catdog: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except ValueError as error:
-        print(f"catdog: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("catdog: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if isinstance(error, _failure_types()):
+            print(f"catdog: error: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(error, ValueError):
+            print(f"catdog: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     finally:
-        from catdog.distributed import shutdown
-
-        shutdown()  # leave torchrun's process group, when a command joined one
+        distributed = sys.modules.get("catdog.distributed")
+        if distributed is not None:  # imported only by a command that may have joined torchrun's process group
+            distributed.shutdown()  # leave it (torch warns at exit when a process never did)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import torch
 
 from catdog.images import ImageLoadError, has_image_extension, load_image
 
@@ -270,9 +271,10 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train_indices), sorted(val_indices)
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset:
     """Images from disk through the shared loader and a transform. A bad file yields `None` instead of crashing;
-    `collate_skipping_bad_images` drops it from the batch and reports its path."""
+    `collate_skipping_bad_images` drops it from the batch and reports its path. A map-style dataset for
+    torch's DataLoader (any class with `__len__` and `__getitem__` is one), so that listing data needs no torch."""
 
     def __init__(
         self,
@@ -309,6 +311,8 @@ class Batch:
 
 
 def collate_skipping_bad_images(samples: list[dict]) -> Batch:
+    import torch
+
     good = [sample for sample in samples if "image" in sample]
     errors = [sample["error"] for sample in samples if "error" in sample]
     if not good:

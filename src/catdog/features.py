@@ -26,15 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from catdog import __version__
 from catdog.data import collate_skipping_bad_images
-from catdog.files import atomic_path
+from catdog.files import atomic_path, default_cache_dir  # noqa: F401 (default_cache_dir: imported from here too)
 from catdog.images import ImageLoadError, load_image
 from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
 
 VIEWS = ("original", "flipped")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CATDOG_CACHE", Path.home() / ".cache" / "catdog"))
 
 
 def file_digest(path: str | os.PathLike) -> str:

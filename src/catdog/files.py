@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 
+def default_cache_dir() -> Path:
+    """Where catdog keeps what it can recompute (features, ONNX files): $CATDOG_CACHE, else ~/.cache/catdog."""
+    return Path(os.environ.get("CATDOG_CACHE", Path.home() / ".cache" / "catdog"))
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; on success fsync it and move it over the destination.

@@ -413,11 +413,20 @@ def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess
     """Calibrate on the validation logits, save the model with its metrics, list the skipped files."""
     history, skipped, val_logits, val_labels = outcome
     skipped = audit_skipped + skipped
+    val_view_logits = val_logits if val_logits.dim() == 3 else None  # head strategy: [images, views, classes]
+    if val_view_logits is not None:
+        val_logits = val_view_logits.mean(dim=1)
     temperature = fit_temperature(val_logits, val_labels) if config.calibrate else 1.0
     probabilities = torch.softmax(val_logits / temperature, dim=1).numpy()
     metrics = classification_metrics(val_labels.numpy(), probabilities, class_names)
+    mirror_below = None
+    if val_view_logits is not None and val_view_logits.shape[1] == 2:
+        from catdog.predict import choose_mirror_threshold
+
+        mirror_below = choose_mirror_threshold(val_view_logits.numpy(), val_labels.numpy(), temperature, log)
     meta = RunMeta(config.model, class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
-                   {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics})
+                   {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics},
+                   mirror_below)
     save_model(run_dir, model, meta)
     if skipped:
         write_csv_atomic(run_dir / "skipped_files.csv", ["path", "reason", "detail"],

@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_TRANSFORM_VERSION = 3  # part of the feature-cache key: bump when `EvalTransform` changes its output
 
@@ -102,6 +106,12 @@ class EvalTransform:
         return left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        import torch  # here, not at the top: prediction through ONNX Runtime calls `array` and never needs torch
+
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """The same as calling the transform, as a NumPy array (prediction with ONNX Runtime needs no torch)."""
         size = self.preprocess.input_size
         box = self.crop_box(*image.size)
         if box[2] - box[0] == size and box[3] - box[1] == size:  # no resizing: a plain crop
@@ -112,7 +122,7 @@ class EvalTransform:
         channels_first = np.asarray(image).transpose(2, 0, 1).astype(np.float32)
         channels_first *= self.scale
         channels_first -= self.offset
-        return torch.from_numpy(channels_first)
+        return channels_first
 
 
 def eval_transform(preprocess: Preprocess) -> EvalTransform:
@@ -122,6 +132,7 @@ def eval_transform(preprocess: Preprocess) -> EvalTransform:
 
 def train_transform(preprocess: Preprocess, augmentation: Augmentation = Augmentation()):
     """Random resized crop, flip, small rotation, colour jitter, normalise."""
+    import torch
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR

@@ -1,0 +1,85 @@
+"""The mirror view only where it matters: the threshold chosen on validation logits, and the predictor using it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from catdog.checkpoint import RunMeta
+from catdog.predict import MIRROR_MIN_VALIDATION_IMAGES, Predictor, choose_mirror_threshold, softmax
+from catdog.transforms import Preprocess
+
+
+def validation_logits(count: int, uncertain: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class logits [count, 2 views, 2]: most photos certain and right in both views; `uncertain` photos are
+    wrong (barely) from the first view and right from the mirror view, so only averaging gets them right."""
+    generator = np.random.default_rng(seed)
+    labels = generator.integers(0, 2, count)
+    sign = np.where(labels == 1, 1.0, -1.0)
+    margin = generator.uniform(8, 12, count)  # confidence > 0.9996 from either view
+    first, mirror = sign * margin, sign * (margin + generator.normal(0, 0.3, count))
+    first[:uncertain] = -sign[:uncertain] * 0.2
+    mirror[:uncertain] = sign[:uncertain] * 3.0
+    view_logits = np.stack([np.stack([-first / 2, first / 2], 1), np.stack([-mirror / 2, mirror / 2], 1)], 1)
+    return view_logits.astype(np.float32), labels
+
+
+def test_the_threshold_sends_the_uncertain_photos_to_the_mirror_view():
+    view_logits, labels = validation_logits(600, uncertain=12)
+    threshold = choose_mirror_threshold(view_logits, labels, temperature=1.0, log=lambda _: None)
+    assert threshold is not None
+    first_confidence = softmax(view_logits[:, 0]).max(axis=1)
+    assert (first_confidence[:12] < threshold).all()  # the photos the mirror view fixes get it
+    assert (first_confidence < threshold).mean() < 0.1  # and few others
+
+
+def test_no_threshold_when_only_averaging_everything_holds():
+    view_logits, labels = validation_logits(600, uncertain=0)
+    # Every photo is certain and wrong from the first view and right after averaging: any threshold loses accuracy.
+    view_logits[:, 0] = -view_logits[:, 0]
+    view_logits[:, 1] = view_logits[:, 1] * 3
+    assert choose_mirror_threshold(view_logits, labels, temperature=1.0, log=lambda _: None) is None
+
+
+def test_too_small_a_validation_split_gets_no_threshold():
+    view_logits, labels = validation_logits(MIRROR_MIN_VALIDATION_IMAGES - 1, uncertain=5)
+    assert choose_mirror_threshold(view_logits, labels, temperature=1.0, log=lambda _: None) is None
+
+
+class MirrorCountingSession:
+    """Stands in for an ONNX Runtime session: logits from the mean of the left and right image halves, so the mirror
+    image gives different logits; counts the photos it is run on."""
+
+    def __init__(self):
+        self.photos = 0
+
+    def run(self, _, feeds):
+        images = feeds["images"]
+        self.photos += len(images)
+        half = images.shape[-1] // 2
+        score = images[..., :half].mean(axis=(1, 2, 3)) - images[..., half:].mean(axis=(1, 2, 3))
+        return [np.stack([-score, score], axis=1).astype(np.float32)]
+
+
+def predictor_with(mirror_below: float | None) -> Predictor:
+    meta = RunMeta("test", ["cat", "dog"], Preprocess(16, 1.0), 1.0, "head", True, {}, mirror_below)
+    predictor = Predictor.__new__(Predictor)  # the real class around a counting session (no model to export)
+    predictor.meta, predictor.temperature, predictor.class_names = meta, 1.0, ["cat", "dog"]
+    predictor.session, predictor.model = MirrorCountingSession(), None
+    return predictor
+
+
+def test_the_predictor_runs_the_mirror_view_only_below_the_threshold():
+    generator = np.random.default_rng(1)
+    images = generator.normal(0, 1, (40, 3, 16, 16)).astype(np.float32)
+    images[:30, ..., :8] += 3.0  # 30 photos clearly "dog" from the first view; their mirror images say "cat"
+    everything = predictor_with(None).probabilities(images)
+    predictor = predictor_with(0.99)
+    selective = predictor.probabilities(images)
+    first_view = softmax(predictor.logits(images))
+    unsure = first_view.max(axis=1) < 0.99
+    assert 0 < unsure.sum() < 40
+    assert predictor.session.photos == 40 + unsure.sum() + 40  # first view, the unsure ones' mirror, the check
+    np.testing.assert_allclose(selective[unsure], everything[unsure], atol=1e-6)
+    np.testing.assert_allclose(selective[~unsure], first_view[~unsure], atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(images, tta=True), everything, atol=1e-6)
+    np.testing.assert_allclose(predictor.probabilities(images, tta=False), first_view, atol=1e-6)
