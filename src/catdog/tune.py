@@ -70,7 +70,7 @@ class TuneConfig:
     heartbeat: int = option(60, "seconds between a worker's heartbeats; a trial without one for twice as long is failed and retried (0: off)")
     trials: int = option(30, "trials this process runs (several workers on one study add theirs up)")
     timeout: float = option(0.0, "stop starting trials after this many minutes (0: no limit)")
-    max_epochs: int = option(40, "head: largest number of epochs a trial may ask for; finetune: epochs of every trial")
+    max_epochs: int = option(0, "head: largest number of epochs a trial may ask for (0: 40); finetune: epochs of every trial (0: 5)")
     image_sizes: list[int] = option([], "finetune: input sizes to try; empty: the model's own and three quarters of it")
     seed: int = option(42, "seed for the split; the sampler's seed is this plus the number of trials already in the study")
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
@@ -83,6 +83,7 @@ class TuneConfig:
             raise ValueError("--data is required")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.max_epochs = self.max_epochs or (40 if self.strategy == "head" else 5)
         if self.trials < 1 or self.max_epochs < 1:
             raise ValueError("--trials and --max-epochs must be at least 1")
         if self.strategy == "head" and self.max_epochs < 2:
