@@ -98,6 +98,8 @@ def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres_url):
     assert sorted(len(numbers) for numbers in by_worker.values()) == [TRIALS_PER_WORKER, TRIALS_PER_WORKER]
     assert {worker.pid for worker in workers} == {int(name.rsplit(":", 1)[1]) for name in by_worker}
     assert all(trial.state.is_finished() for trial in trials)
+    # Workers started together draw different parameters (their samplers are seeded apart).
+    assert len({trial.params["lr"] for trial in trials}) == 2 * TRIALS_PER_WORKER
     # Each worker's report covers the whole study as it stood when it finished; the later one saw all trials.
     reports = [json.loads((tmp_path / f"worker-{index}" / "study.json").read_text()) for index in range(2)]
     assert max(report["trials"] for report in reports) == 2 * TRIALS_PER_WORKER

@@ -72,7 +72,7 @@ class TuneConfig:
     timeout: float = option(0.0, "stop starting trials after this many minutes (0: no limit)")
     max_epochs: int = option(0, "head: largest number of epochs a trial may ask for (0: 40); finetune: epochs of every trial (0: 5)")
     image_sizes: list[int] = option([], "finetune: input sizes to try; empty: the model's own and three quarters of it")
-    seed: int = option(42, "seed for the split; the sampler's seed is this plus the number of trials already in the study")
+    seed: int = option(42, "seed for the split and the trials; the sampler's seed also mixes in the trials already in the study and the process id")
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     num_workers: int = option(-1, "finetune: data-loading worker processes; -1: automatic")
@@ -153,8 +153,12 @@ def open_study(config: TuneConfig):
     warmup = 3 if config.strategy == "head" else 1
     study = optuna.create_study(study_name=config.study, storage=storage, direction="minimize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup))
-    # A fresh sampler seed for each continuation: rerunning with one --seed must not replay the same first proposals.
-    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
+    # A fresh sampler seed for each continuation and each worker: a rerun, or two workers started together, must not
+    # propose the same parameters again. constant_liar: a worker's proposals steer clear of trials still running.
+    seed = (config.seed + 1009 * len(study.trials) + 7919 * os.getpid()) % 2**32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     return study
 
 
