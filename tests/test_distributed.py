@@ -26,6 +26,7 @@ from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_st
 from catdog.data import ImageFileDataset, collate_skipping_bad_images
 from catdog.predict import PredictConfig, run_predict
 from catdog.train import TrainConfig, predict_logits, train
+from catdog.train_finetune import GlobalBatchSampler
 from catdog.transforms import eval_transform
 
 pytestmark = pytest.mark.slow
@@ -85,6 +86,23 @@ def check_identical_parameters(records: list[list[dict]], epoch) -> None:
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("images", [70, 5])
+def test_global_batch_sampler_gives_each_rank_its_slice_of_the_one_process_batches(images):
+    dataset = list(range(images))
+    one = list(GlobalBatchSampler(dataset, 1, 0, seed=7, global_batch=16))
+    shares = [list(GlobalBatchSampler(dataset, 2, rank, seed=7, global_batch=16)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) > 0 and not set(shares[0]) & set(shares[1])
+    if images > 16:  # whole global batches: step k of both ranks together is step k of one process
+        assert len(one) == 64
+        for step in range(4):
+            assert shares[0][8 * step : 8 * step + 8] + shares[1][8 * step : 8 * step + 8] == one[16 * step : 16 * step + 16]
+    else:  # one batch, split evenly
+        assert len(one) == 5 and len(shares[0]) == 2 and set(shares[0] + shares[1]) < set(one)
+    sampler = GlobalBatchSampler(dataset, 2, 0, seed=7, global_batch=16)
+    sampler.set_epoch(1)
+    assert list(sampler) != shares[0]  # reshuffled per epoch
 
 
 def test_two_process_finetune_killed_after_an_epoch_resumes_and_finishes(tmp_path):

@@ -85,8 +85,8 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     """Train `model` in place; return (history, skipped files, validation logits, validation labels).
 
     Under torchrun every rank runs this with the same arguments: DistributedDataParallel averages the gradients,
-    DistributedSampler gives each rank a disjoint share of every epoch, validation is sharded and gathered, and rank
-    0 alone writes the run files."""
+    `GlobalBatchSampler` (a DistributedSampler) gives each rank its slice of every global batch, validation is
+    sharded and gathered, and rank 0 alone writes the run files."""
     processes = world_size()
     if config.batch_size % processes:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch; it must divide evenly among the "
@@ -122,32 +122,27 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
     trained_model = model
-    distributed_sampler = None
     if processes > 1:
         trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        # drop_last: each rank gets the same number of distinct images, none repeated to pad the last share.
-        distributed_sampler = DistributedSampler(train_dataset, num_replicas=processes, rank=rank(), shuffle=True,
-                                                 seed=config.seed, drop_last=True)
+    global_batches = GlobalBatchSampler(train_dataset, processes, rank(), config.seed, config.batch_size)
     options = dataloader_options(device, workers)
     sample_weights = sampling_weights(config, torch.tensor(train_images.labels), len(train_images.class_names))
     val_loader = DataLoader(val_dataset, batch_size=batch_per_process * 2, shuffle=False, **options)
     plain_loss = nn.CrossEntropyLoss()
     skipped: dict[str, ImageLoadError] = {}
-    # Augmentation randomness differs between ranks (rank 0 keeps the one-process numbers); the shuffle is the
-    # sampler's, seeded alike on every rank.
+    # Augmentation randomness differs between ranks (rank 0 keeps the one-process numbers); the shuffle is
+    # GlobalBatchSampler's, seeded alike on every rank.
     rank_seed = config.seed + 7919 * rank()
     for epoch in range(tracker.start_epoch, config.epochs):
         seed_epoch(rank_seed, epoch)
         generator = epoch_generator(rank_seed, epoch)
-        if distributed_sampler is not None:
-            distributed_sampler.set_epoch(epoch)
-            sampler = distributed_sampler
-        else:
-            sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
-                       if sample_weights is not None else None)
-        share = len(sampler) if sampler is not None else len(train_dataset)
-        train_loader = DataLoader(train_dataset, batch_size=batch_per_process, shuffle=sampler is None,
-                                  sampler=sampler, generator=generator, drop_last=share > batch_per_process, **options)
+        global_batches.set_epoch(epoch)
+        sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
+                   if sample_weights is not None else global_batches)
+        drop_last = sample_weights is not None and len(train_dataset) > config.batch_size  # GlobalBatchSampler drops its own
+        train_loader = DataLoader(train_dataset, batch_size=batch_per_process, sampler=sampler, generator=generator,
+                                  drop_last=drop_last, **options)
+        share = len(sampler)
         with progress_bar(config.progress and main, share, f"epoch {epoch + 1}/{config.epochs}") as bar:
             def show(count, loss, accuracy):
                 bar.update(count)
@@ -181,6 +176,31 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     skipped.update({error.path: error for error in errors})
     model.cpu()
     return tracker.history, list(skipped.values()), val_logits, val_labels
+
+
+class GlobalBatchSampler(DistributedSampler):
+    """A DistributedSampler whose shares follow the order one process would train in: each epoch shuffles the
+    training images once (seeded by seed and epoch alone, the same on every rank), cuts the order into global
+    batches, and rank r takes the r-th slice of each. So step k of K processes trains on the very images of step k
+    of one process (only BatchNorm's statistics, taken per process, and the augmentation draws differ), and a K-process
+    run follows the one-process run. Only whole global batches are used (an incomplete last one is dropped, as
+    one process drops it); a data set smaller than one batch makes one batch, split evenly. The shares are disjoint."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, global_batch: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.global_batch = global_batch
+        self.per_rank = global_batch // num_replicas
+        whole_batches = len(dataset) // global_batch
+        self.num_samples = whole_batches * self.per_rank if whole_batches else len(dataset) // num_replicas
+        self.total_size = self.num_samples * num_replicas
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=epoch_generator(self.seed, self.epoch)).tolist()
+        if len(order) < self.global_batch:
+            return iter(order[self.rank * self.num_samples : (self.rank + 1) * self.num_samples])
+        starts = range(0, len(order) - self.global_batch + 1, self.global_batch)
+        return iter([index for start in starts
+                     for index in order[start + self.rank * self.per_rank : start + (self.rank + 1) * self.per_rank]])
 
 
 def combine_epoch_results(results: list[EpochResult]) -> EpochResult:
