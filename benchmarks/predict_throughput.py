@@ -8,15 +8,17 @@ Kaggle's typical original size (500x375). Contenders, interleaved over `--rounds
 since the machine may be shared):
 - `catdog predict --run RUN FOLDER`: a default run (Lite2 features at 300 px, validated with mirror averaging), as
   a user runs it;
-- the same with `--tta` (the mirror view for every photo) and with `--tta --batch-size 64` (0.3.0's batching);
-- the tutorial's loop with its ResNet-18 (the reference).
+- the same with `--tta` (the mirror view for every photo);
+- the tutorial's loop with its ResNet-18 (the reference), on the first `--tutorial-limit` photos.
+Besides images/s (wall clock), CPU seconds per photo (this process and its children), which a busy machine moves
+less than wall time.
 
 Accuracy: on the run's validation split (1,200 shared photos), accuracy and log loss of the mirror view for every
 photo against predict's scheme (the mirror view only below the run's `mirror_below` first-view confidence); on the
 unseen test1 photos, how often the two agree. Profile: where a photo's time goes (start-up, decoding,
 preprocessing, first-view inference at 1 and 64 photos per batch, the share of photos given the mirror view).
 
-    python benchmarks/predict_throughput.py [--run RUN] [--rounds 2]
+    python benchmarks/predict_throughput.py [--run RUN] [--rounds 2] [--tutorial-limit N]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -54,7 +57,7 @@ def tutorial_model(name: str):
     return model, Preprocess(224, 0.875)
 
 
-def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str = "resnet18") -> tuple[float, int]:
+def tutorial_predict_image_loop(folder: Path, output: Path, limit: int | None = None, model_name: str = "resnet18") -> tuple[float, int]:
     """The tutorial's predict_image: open, transform, one forward pass per image, eager PyTorch; then the CSV."""
     from torchvision import transforms
 
@@ -63,7 +66,7 @@ def tutorial_predict_image_loop(folder: Path, output: Path, model_name: str = "r
     model.eval()
     transform = transforms.Compose([transforms.Resize(preprocess.resize_size), transforms.CenterCrop(preprocess.input_size),
                                     transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)])
-    paths = sorted(folder.glob("*.jpg"))
+    paths = sorted(folder.glob("*.jpg"))[:limit]
     rows = []
     for path in paths:
         image = Image.open(path).convert("RGB")
@@ -80,6 +83,12 @@ def make_resized_photos(source: Path, target: Path, count: int, size: tuple[int,
     for path in sorted(source.glob("*.jpg"))[:count]:
         Image.open(path).convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target / path.name, quality=90)
     return target
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children: less sensitive than wall time to a busy machine."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def catdog_predict(run: Path, folder: Path, output: Path, *options: str) -> tuple[float, int]:
@@ -185,6 +194,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="", help="a default run to use; empty: train one (cached features)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every contender")
+    parser.add_argument("--tutorial-limit", type=int, default=500, help="photos the (slow) tutorial loop gets")
     parser.add_argument("--skip-accuracy", action="store_true")
     arguments = parser.parse_args()
     data = require_shared_data()
@@ -196,15 +206,18 @@ def main() -> int:
         contenders = {
             "catdog predict --run RUN FOLDER": lambda out: catdog_predict(run, folder, out),
             "  same, --tta (mirror for every photo)": lambda out: catdog_predict(run, folder, out, "--tta"),
-            "  same, --tta --batch-size 64 (0.3.0)": lambda out: catdog_predict(run, folder, out, "--tta", "--batch-size", "64"),
-            "tutorial loop, ResNet-18 (reference)": lambda out: tutorial_predict_image_loop(folder, out),
+            "tutorial loop, ResNet-18 (reference)": lambda out: tutorial_predict_image_loop(folder, out, arguments.tutorial_limit),
         }
         rates: dict[str, list[float]] = {name: [] for name in contenders}
+        cpu_per_photo: dict[str, list[float]] = {name: [] for name in contenders}
         for round_index in range(arguments.rounds):
             for position, (name, measure) in enumerate(contenders.items()):
+                cpu_before = cpu_seconds()
                 seconds, count = measure(scratch / f"contender-{position}.csv")
                 rates[name].append(count / seconds)
-                print(f"round {round_index + 1}: {name.strip():42s} {count} photos in {seconds:6.1f} s = {count / seconds:5.1f}/s", flush=True)
+                cpu_per_photo[name].append((cpu_seconds() - cpu_before) / count)
+                print(f"round {round_index + 1}: {name.strip():42s} {count} photos in {seconds:6.1f} s = {count / seconds:5.1f}/s, "
+                      f"{1e3 * cpu_per_photo[name][-1]:.0f} ms CPU per photo", flush=True)
         scheme = read_probabilities(scratch / "contender-0.csv")
         every = read_probabilities(scratch / "contender-1.csv")
         agreement = np.mean([scheme[p].argmax() == every[p].argmax() for p in every])
@@ -216,10 +229,12 @@ def main() -> int:
     print("input: the 500 test1 photos at 500x375 (Kaggle's typical original size); images/s end to end, median of "
           f"{arguments.rounds} interleaved rounds; catdog in a fresh process each time (start-up included)")
     reference = statistics.median(rates["tutorial loop, ResNet-18 (reference)"])
-    print(f"{'contender':44s} {'images/s':>9s} {'vs tutorial':>12s}   rounds")
+    reference_cpu = statistics.median(cpu_per_photo["tutorial loop, ResNet-18 (reference)"])
+    print(f"{'contender':44s} {'images/s':>9s} {'vs tutorial':>12s} {'CPU ms/photo':>13s} {'vs tutorial':>12s}   rounds (images/s)")
     for name, values in rates.items():
-        rate = statistics.median(values)
-        print(f"{name:44s} {rate:9.1f} {rate / reference:11.2f}x   {', '.join(f'{v:.1f}' for v in values)}")
+        rate, cpu = statistics.median(values), statistics.median(cpu_per_photo[name])
+        print(f"{name:44s} {rate:9.1f} {rate / reference:11.2f}x {1e3 * cpu:13.0f} {reference_cpu / cpu:11.2f}x   "
+              f"{', '.join(f'{v:.1f}' for v in values)}")
     print("\nprofile (this process; the machine's load shifts these):")
     for key, value in profiled.items():
         print(f"  {key:44s} {value:8.3f}")
