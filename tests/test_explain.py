@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +165,16 @@ def test_bad_inputs_get_the_same_answer_as_predict(client, files, content):
     predicted = client.post("/predict", files=files, content=content)
     assert explained.status_code == predicted.status_code and 400 <= explained.status_code < 500
     assert explained.json()["error"] == predicted.json()["error"]
+
+
+def test_python_api_explains_like_the_command(run_dir, tmp_path):
+    import catdog
+
+    model = catdog.load(run_dir, backend="torch")
+    photo = colour_image(0, 9, (180, 120))
+    explanation = model.explain(photo)
+    (prediction,) = model.predict(photo)
+    assert explanation.label == prediction.label == "cat"
+    assert explanation.confidence == pytest.approx(prediction.confidence, abs=1e-4)
+    assert explanation.heatmap.shape == (120, 180)
+    assert Image.open(io.BytesIO(explanation._repr_png_())).size == (180, 120)  # a notebook shows the overlay

@@ -394,19 +394,25 @@ def label_issue_rows(run_dir: Path, config: ReportConfig, split: dict, train_con
         raise FileNotFoundError(f"{config.label_issues}: no such label issues file")
     if not config.find_label_issues or not split:
         return [], ""
+    from catdog.data import DataError
     from catdog.label_issues import find_label_issues, write_label_issues_csv
 
     preset = train_config.get("preset", "default")
     log(f"report: looking for label errors in {split['data']} (out-of-fold heads on the {preset} preset's features)")
-    result = find_label_issues(split["root"], preset=preset, layout=split.get("layout", "auto"), device=config.device)
+    try:
+        result = find_label_issues(split["data"], preset=preset, layout=split.get("layout", "auto"), device=config.device)
+    except DataError as error:  # e.g. a class with a single photo: the rest of the report is still worth having
+        log(f"report: no label-error search: {error}")
+        return [], f"not searched: {error}"
     target = run_dir / "label_issues.csv"
     write_label_issues_csv(target, result.rows)  # the next report (and `train --exclude`) reuse it
     return read_label_issues(target), f"found now in {result.seconds:.1f} s and saved as {target}"
 
 
 def label_issues_section(rows: list[dict], source: str, root: Path, shown: int) -> str:
-    if not source:
-        return "<p>Not searched (no label_issues.csv; run <code>catdog data issues DATA</code>).</p>"
+    if not rows:
+        why = escape(source) if source else "no label_issues.csv and the search was switched off"
+        return f"<p>Not searched ({why}); <code>catdog data issues DATA</code> writes label_issues.csv.</p>"
     flagged = [row for row in rows if row.get("label_issue", "1") in ("1", "True", "true")]
     cards = []
     for row in flagged[:shown]:
