@@ -104,3 +104,27 @@ def test_report_in_chromium_shows_every_section(report):
     assert all(re.search(r"cat \d\.\d{3} · dog \d\.\d{3}", caption) for caption in captions)  # file name and probabilities
     assert [url for url in requests if not url.startswith(("file:", "data:"))] == []  # nothing fetched: works offline
     assert (SCREENSHOT_DIR / "report.png").stat().st_size > 20_000
+
+
+def test_resampled_metrics_equal_scikit_learn():
+    from sklearn.metrics import f1_score, log_loss, roc_auc_score
+
+    from catdog.report import bootstrap_interval, resampled_metrics
+
+    generator = np.random.default_rng(3)
+    for classes in (2, 3):
+        labels = generator.integers(0, classes, 300)
+        logits = generator.normal(size=(300, classes)) + 1.5 * np.eye(classes)[labels]
+        logits[:20] = np.round(logits[:20])  # some tied scores
+        probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        metrics = resampled_metrics(labels, probabilities)
+        rows = np.stack([np.arange(300), generator.integers(0, 300, 300)])  # the data itself, and one resample
+        for row, values in zip(rows, zip(*(metrics[name](rows) for name in ("log_loss", "macro_f1", "roc_auc")))):
+            truth, scores = labels[row], probabilities[row]
+            expected_auc = (roc_auc_score(truth, scores[:, 1]) if classes == 2
+                            else roc_auc_score(truth, scores, multi_class="ovr", labels=list(range(classes))))
+            assert values == pytest.approx((log_loss(truth, scores, labels=list(range(classes))),
+                                            f1_score(truth, scores.argmax(1), average="macro", labels=list(range(classes)), zero_division=0),
+                                            expected_auc), abs=1e-9)
+        low, high = bootstrap_interval(metrics["log_loss"], 300, 200, seed=0)
+        assert low < metrics["log_loss"](rows[:1])[0] < high
