@@ -120,12 +120,20 @@ class GradCamExplainer:
 
     def explain(self, photo: Image.Image, tta: bool | None = None, target: int | None = None) -> Explanation:
         """Grad-CAM of `target` (default: the predicted class) for one RGB photo."""
-        tta = self.meta.tta if tta is None else tta
         image = self.transform(photo)
-        views = torch.stack([image, image.flip(-1)] if tta else [image]).to(self.device)
+        views = image.unsqueeze(0).to(self.device)
         with torch.no_grad():
-            logits = self.model(views).float().mean(dim=0)
-        probabilities = torch.softmax(logits / self.meta.temperature, dim=0).cpu().numpy()
+            logits = self.model(views).float()[0]
+            probabilities = torch.softmax(logits / self.meta.temperature, dim=0)
+            # The mirror view exactly when `catdog predict` adds it: asked for, or as the run was validated (for
+            # runs with `mirror_below`, only when the first view is less sure than that).
+            mirror_below = getattr(self.meta, "mirror_below", None)
+            tta = (self.meta.tta and (mirror_below is None or float(probabilities.max()) < mirror_below)) if tta is None else tta
+            if tta:
+                views = torch.cat([views, views.flip(-1)])
+                logits = (logits + self.model(views[1:]).float()[0]) / 2
+                probabilities = torch.softmax(logits / self.meta.temperature, dim=0)
+        probabilities = probabilities.cpu().numpy()
         target = int(probabilities.argmax()) if target is None else target
         views.requires_grad_(True)  # gradients through a frozen backbone (see the module's docstring)
         with torch.enable_grad():
@@ -202,13 +210,6 @@ def explainer_for(predictor) -> GradCamExplainer:
     """A Grad-CAM explainer of a `predict.Predictor`'s model, with a model instance of its own (the predictor may
     run ONNX Runtime, and Captum's hooks must not see the predictor's own forward passes)."""
     return GradCamExplainer(predictor.build_model(), predictor.meta, predictor.device)
-
-
-def explain_image(predictor, image, tta: bool | None = None, explainer: GradCamExplainer | None = None) -> Explanation:
-    """Grad-CAM of the predicted class for one photo (a path or a PIL image), as `catdog.load(run).explain` gives.
-    Pass `explainer` (from `explainer_for`) to explain many photos without building the model each time."""
-    photo = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
-    return (explainer or explainer_for(predictor)).explain(photo, tta)
 
 
 def load_explainer(run: str | None, device: str = "auto") -> GradCamExplainer:
