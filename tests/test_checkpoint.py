@@ -53,3 +53,36 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_write_streams_into_a_pipe_and_keeps_it_a_pipe(tmp_path):
+    """`--output /dev/null` or a named pipe: the content goes through, and the pipe (or device) is not replaced by a file."""
+    import stat
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()), daemon=True)
+    reader.start()
+    write_text_atomic(pipe, "path,label\na.jpg,cat\n")
+    reader.join(timeout=10)
+    assert received == ["path,label\na.jpg,cat\n"]
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["pipe"]  # no temporary left beside it
+
+
+def test_atomic_write_to_dev_null_keeps_the_device():
+    import stat
+
+    write_text_atomic(os.devnull, "nothing to see\n")
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+
+def test_atomic_write_through_a_link_keeps_the_link(tmp_path):
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    write_text_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"

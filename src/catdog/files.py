@@ -6,6 +6,8 @@ import contextlib
 import csv
 import json
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,6 +25,17 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     The temporary file lives in the same folder so that `os.replace` is a rename on one file system (atomic).
     """
     destination = Path(destination)
+    if _is_stream(destination):
+        # /dev/null, /dev/stdout, a named pipe: there is no file to replace (and replacing /dev/null with a regular
+        # file, as root, would break every other program); write the finished content through instead.
+        with tempfile.TemporaryDirectory(prefix="catdog-") as folder:
+            temporary = Path(folder) / destination.name
+            yield temporary
+            with open(temporary, "rb") as source, open(destination, "wb") as target:
+                shutil.copyfileobj(source, target)
+        return
+    if destination.is_symlink():
+        destination = destination.resolve()  # keep the link: the file it points to gets the new content
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     os.close(handle)
@@ -35,6 +48,15 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def _is_stream(destination: Path) -> bool:
+    """Whether the destination is a device, pipe or socket (or a link to one, like /dev/stdout), not a file."""
+    try:
+        mode = destination.stat().st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def write_bytes_atomic(destination: str | os.PathLike, data: bytes) -> None:
