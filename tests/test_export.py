@@ -55,3 +55,23 @@ def test_failed_parity_fails_loudly_and_writes_nothing(run_dir, tmp_path, monkey
     with pytest.raises(ExportParityError, match="exceeds"):
         run_export(ExportConfig(run=str(run_dir), out=str(tmp_path / "bad.onnx")), log=lambda _: None)
     assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options_name", ["prediction", "features"])
+def test_onnx_sessions_leave_the_callers_floating_point_alone(options_name):
+    """catdog runs ONNX Runtime inside the user's process (the Python API, serve, tests): building and running a
+    session must not switch the calling thread to flush-denormals-to-zero, which would change every later float
+    operation of that process (numpy, Python's own floats)."""
+    import io
+
+    from catdog.features import onnx_session_options
+
+    options = export_module.prediction_session_options() if options_name == "prediction" else onnx_session_options()
+    buffer = io.BytesIO()
+    torch.onnx.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.zeros(1, 3, 8, 8), buffer,
+                      dynamo=False)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 8, 8), np.float32)})
+    smallest_subnormal = np.nextafter(0.0, 1.0)
+    assert smallest_subnormal * 1.0 > 0.0
+    assert np.float32(1e-40) * np.float32(1.0) > 0.0

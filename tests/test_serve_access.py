@@ -54,7 +54,7 @@ def upload() -> dict:
                                      {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}])
 def test_protected_endpoints_refuse_a_missing_or_wrong_key(keyed_client, headers):
     for method, path, extra in [("POST", "/predict", {"files": upload()}), ("POST", "/predict/batch", {"files": upload()}),
-                                ("GET", "/metrics", {}), ("GET", "/openapi.json", {}), ("GET", "/docs", {}),
+                                ("POST", "/explain", {"files": upload()}), ("GET", "/metrics", {}), ("GET", "/openapi.json", {}), ("GET", "/docs", {}),
                                 ("GET", "/no-such-path", {})]:
         response = keyed_client.request(method, path, headers=headers, **extra)
         assert response.status_code == 401, (path, headers)
@@ -79,7 +79,7 @@ def test_the_right_key_opens_everything_and_health_ready_page_stay_open(keyed_cl
     page = keyed_client.get("/")
     assert page.status_code == 200
     # the page's one request helper sends the key (typed in, or given once as ?key=)
-    assert 'headers["Authorization"] = `Bearer ${key}`' in page.text and 'await post("predict", form)' in page.text
+    assert 'headers["Authorization"] = `Bearer ${key}`' in page.text and 'await post(explain ? "explain" : "predict", form)' in page.text
 
 
 def test_without_a_key_nothing_asks_for_one(run_dir, monkeypatch):

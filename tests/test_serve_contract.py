@@ -84,8 +84,9 @@ def test_the_schema_is_typed_versioned_and_names_its_operations(monkeypatch):
     assert openapi["info"]["version"] == catdog.__version__
     operations = {path: next(iter(methods.values())) for path, methods in openapi["paths"].items()}
     assert {path: operation["operationId"] for path, operation in operations.items()} == {
-        "/predict": "predict", "/predict/batch": "predict_batch", "/health": "health", "/ready": "ready", "/metrics": "metrics"}
-    for path, model in [("/predict", "Prediction"), ("/predict/batch", "BatchResult")]:
+        "/predict": "predict", "/predict/batch": "predict_batch", "/explain": "explain", "/health": "health",
+        "/ready": "ready", "/metrics": "metrics"}
+    for path, model in [("/predict", "Prediction"), ("/predict/batch", "BatchResult"), ("/explain", "Explanation")]:
         responses = operations[path]["responses"]
         assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
         assert set(responses) == {"200", "413", "415", "422", "503"}  # no 401: this server has no key

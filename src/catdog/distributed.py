@@ -13,6 +13,7 @@ to cover the longest uneven stretch of work (one rank's share of a feature extra
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Iterator, Sequence, TypeVar
@@ -53,8 +54,16 @@ def init_from_environment(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group (torch warns at exit when a process never did)."""
+    """Leave the process group (torch warns at exit when a process never did).
+
+    Unreachable DistributedDataParallel wrappers are collected first (a reference cycle can keep one, and the
+    gloo threads of its reducer, alive until interpreter teardown, where a joinable C++ thread aborts the process:
+    "terminate called without an active exception", seen now and then on 2 CPUs); then all ranks meet, so none
+    tears its connections down while a peer still reads from them."""
     if dist.is_initialized():
+        gc.collect()
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
