@@ -107,3 +107,32 @@ def test_dataset_skips_bad_files_without_crashing(tmp_path):
     assert {e.path for e in batch.errors} == {str(empty), str(html)}
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=collate_skipping_bad_images)
     assert sum(len(b.labels) for b in loader) == 1
+
+
+def test_augmentation_seed_makes_each_images_augmentation_independent_of_who_draws_it(tmp_path):
+    """Training sets `augmentation_seed` per epoch, so under torchrun every process augments image i exactly as one
+    process would, whatever its generator's state; the caller's generator is left alone."""
+    import torch
+
+    from catdog.data import ImageFileDataset
+    from catdog.transforms import Augmentation, Preprocess, train_transform
+
+    folder = make_kaggle_folder(tmp_path / "train", per_class=2)
+    paths = sorted(folder.glob("*.jpg"))
+    dataset = ImageFileDataset(paths, [0] * len(paths), train_transform(Preprocess(32, 0.875), Augmentation()))
+    dataset.augmentation_seed = 4200003
+    torch.manual_seed(1)
+    first = dataset[1]["image"]
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    torch.rand(17)  # another process, in another state
+    assert torch.equal(dataset[1]["image"], first)
+    torch.set_rng_state(state)
+    dataset[1]
+    assert torch.equal(torch.get_rng_state(), state)
+    dataset.augmentation_seed = 4200004  # the next epoch draws anew
+    assert not torch.equal(dataset[1]["image"], first)
+    dataset.augmentation_seed = None  # unseeded: the usual draws from the generator
+    torch.manual_seed(3)
+    unseeded = dataset[1]["image"]
+    assert not torch.equal(dataset[1]["image"], unseeded)

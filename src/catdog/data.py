@@ -289,6 +289,10 @@ class ImageFileDataset:
         self.transform = transform
         self.draft_size = draft_size
         self.loader_options = {} if max_pixels is None else {"max_pixels": max_pixels}
+        # Set by training for each epoch: the random transform of image i then depends on (augmentation_seed, i)
+        # alone, not on which process or loader worker draws it, so K processes under torchrun augment every
+        # image exactly as one process would. None: the transform draws from the worker's generator as usual.
+        self.augmentation_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -299,7 +303,14 @@ class ImageFileDataset:
             image = load_image(path, draft_size=self.draft_size, **self.loader_options)
         except ImageLoadError as error:
             return {"index": index, "error": error}
-        return {"index": index, "image": self.transform(image), "label": self.labels[index]}
+        if self.augmentation_seed is None:
+            return {"index": index, "image": self.transform(image), "label": self.labels[index]}
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # the caller's generator state is left as it was
+            torch.manual_seed(self.augmentation_seed * 1_000_003 + index)
+            transformed = self.transform(image)
+        return {"index": index, "image": transformed, "label": self.labels[index]}
 
 
 @dataclass

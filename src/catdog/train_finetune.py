@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from timm.utils.distributed import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
@@ -123,19 +124,25 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
         scheduler.load_state_dict(resume_state["scheduler"])
     trained_model = model
     if processes > 1:
-        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Each rank keeps its own BatchNorm running statistics (no broadcast of rank 0's at every step); they are
+        # averaged over the ranks after each epoch (timm's distribute_bn), so the model is validated and saved with
+        # statistics of every process's images, as one process would have them, not of rank 0's half alone.
+        trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                broadcast_buffers=False)
     global_batches = GlobalBatchSampler(train_dataset, processes, rank(), config.seed, config.batch_size)
     options = dataloader_options(device, workers)
     sample_weights = sampling_weights(config, torch.tensor(train_images.labels), len(train_images.class_names))
     val_loader = DataLoader(val_dataset, batch_size=batch_per_process * 2, shuffle=False, **options)
     plain_loss = nn.CrossEntropyLoss()
     skipped: dict[str, ImageLoadError] = {}
-    # Augmentation randomness differs between ranks (rank 0 keeps the one-process numbers); the shuffle is
-    # GlobalBatchSampler's, seeded alike on every rank.
+    # The shuffle (GlobalBatchSampler's) and each image's augmentation are seeded by (seed, epoch) alike on every
+    # rank, so K processes train on the images, augmented the same way, that one process would; dropout draws
+    # (the model's own generator) differ between ranks, rank 0 keeping the one-process numbers.
     rank_seed = config.seed + 7919 * rank()
     for epoch in range(tracker.start_epoch, config.epochs):
         seed_epoch(rank_seed, epoch)
         generator = epoch_generator(rank_seed, epoch)
+        train_dataset.augmentation_seed = config.seed * 100_003 + epoch
         global_batches.set_epoch(epoch)
         sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
                    if sample_weights is not None else global_batches)
@@ -151,6 +158,8 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
             result = train_one_epoch(trained_model, train_loader, optimizer, scheduler, loss_function, device,
                                      config.grad_clip, amp_dtype, scaler, show)
         result = combine_epoch_results(all_gather_objects(result))
+        if processes > 1:
+            distribute_bn(model, processes, reduce=True)
         val_logits, val_labels, _ = gather_validation_logits(model, val_loader, val_positions, device, amp_dtype)
         val_loss, val_accuracy = score_logits(val_logits, val_labels, plain_loss)
         skipped.update({error.path: error for error in result.errors})
@@ -182,7 +191,7 @@ class GlobalBatchSampler(DistributedSampler):
     """A DistributedSampler whose shares follow the order one process would train in: each epoch shuffles the
     training images once (seeded by seed and epoch alone, the same on every rank), cuts the order into global
     batches, and rank r takes the r-th slice of each. So step k of K processes trains on the very images of step k
-    of one process (only BatchNorm's statistics, taken per process, and the augmentation draws differ), and a K-process
+    of one process (only BatchNorm's batch statistics, taken per process, and dropout draws differ), and a K-process
     run follows the one-process run. Only whole global batches are used (an incomplete last one is dropped, as
     one process drops it); a data set smaller than one batch makes one batch, split evenly. The shares are disjoint."""
 
