@@ -151,7 +151,9 @@ def test_predict_files_folders_and_pil_images_in_input_order(api_run, tmp_path):
     direct = model.predictor.predict_files([cat_file]).probabilities[0]
     assert np.allclose([predictions[0].probabilities[name] for name in model.class_names], direct, atol=1e-6)
     [single] = model.predict(folder / "0.jpg")
-    assert single == predictions[1]
+    # Alone rather than in a batch of six: the same answer (the convolutions may sum in another order: 1e-6).
+    assert (single.path, single.label) == (predictions[1].path, predictions[1].label)
+    assert single.probabilities == pytest.approx(predictions[1].probabilities, abs=1e-6)
 
 
 def test_predict_unreadable_inputs_raise_or_are_skipped(api_run, tmp_path):
