@@ -73,7 +73,9 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path):
         dead = study.ask()
     dead_params = {"lr": dead.suggest_float("lr", 1e-4, 3e-2, log=True), "batch_size": dead.suggest_categorical("batch_size", [64, 128, 256, 512])}
     study._storage.record_heartbeat(dead._trial_id)  # its last sign of life, as the heartbeat thread would send
-    time.sleep(2.5)  # longer than the 2 s grace period
+    # Longer than the 2 s grace period by a whole second: SQLite's CURRENT_TIMESTAMP, which Optuna compares, counts
+    # whole seconds, so 2.5 s can read as 2 (not stale yet; the failure CI showed).
+    time.sleep(3.5)
     run_tuning(config, log=quiet)
     trials = optuna.load_study(study_name=config.study, storage=config.storage).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
