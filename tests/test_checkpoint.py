@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 
 import pytest
 import torch
@@ -57,9 +59,6 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
 
 def test_atomic_write_streams_into_a_pipe_and_keeps_it_a_pipe(tmp_path):
     """`--output /dev/null` or a named pipe: the content goes through, and the pipe (or device) is not replaced by a file."""
-    import stat
-    import threading
-
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     received = []
@@ -73,8 +72,6 @@ def test_atomic_write_streams_into_a_pipe_and_keeps_it_a_pipe(tmp_path):
 
 
 def test_atomic_write_to_dev_null_keeps_the_device():
-    import stat
-
     write_text_atomic(os.devnull, "nothing to see\n")
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 

@@ -112,10 +112,7 @@ def test_dataset_skips_bad_files_without_crashing(tmp_path):
 def test_augmentation_seed_makes_each_images_augmentation_independent_of_who_draws_it(tmp_path):
     """Training sets `augmentation_seed` per epoch, so under torchrun every process augments image i exactly as one
     process would, whatever its generator's state; the caller's generator is left alone."""
-    import torch
-
-    from catdog.data import ImageFileDataset
-    from catdog.transforms import Augmentation, Preprocess, train_transform
+    from catdog.transforms import Augmentation, train_transform
 
     folder = make_kaggle_folder(tmp_path / "train", per_class=2)
     paths = sorted(folder.glob("*.jpg"))

@@ -54,8 +54,8 @@ def upload() -> dict:
                                      {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}])
 def test_protected_endpoints_refuse_a_missing_or_wrong_key(keyed_client, headers):
     for method, path, extra in [("POST", "/predict", {"files": upload()}), ("POST", "/predict/batch", {"files": upload()}),
-                                ("POST", "/explain", {"files": upload()}), ("GET", "/metrics", {}), ("GET", "/openapi.json", {}), ("GET", "/docs", {}),
-                                ("GET", "/no-such-path", {})]:
+                                ("POST", "/explain", {"files": upload()}), ("GET", "/metrics", {}),
+                                ("GET", "/openapi.json", {}), ("GET", "/docs", {}), ("GET", "/no-such-path", {})]:
         response = keyed_client.request(method, path, headers=headers, **extra)
         assert response.status_code == 401, (path, headers)
         assert response.headers["www-authenticate"] == "Bearer"

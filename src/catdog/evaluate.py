@@ -21,7 +21,6 @@ from catdog.checkpoint import check_not_pickle, load_model, read_meta
 from catdog.config import option
 from catdog.data import discover
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
-from catdog.images import ImageLoadError, load_image
 from catdog.metrics import classification_metrics
 from catdog.predict import PredictionOutcome, load_predictor
 
@@ -158,27 +157,13 @@ def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit
 def plot_mistakes(paths: list, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path,
                   tile: int = 160) -> None:
     """A grid of misclassified photos titled "true -> predicted (probability)"; an empty grid says there were none."""
-    plt = _pyplot()
-    columns = max(1, min(6, len(paths)))
-    rows = max(1, -(-len(paths) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.0, rows * 2.7 + 0.3), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    if not paths:
-        axes[0][0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    for axis, image_path, label, row in zip(axes.flat, paths, labels, probabilities):
-        try:
-            picture = load_image(image_path, draft_size=tile)
-            picture.thumbnail((tile, tile))
-            axis.imshow(picture)
-        except ImageLoadError:
-            axis.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+    from catdog.plotting import save_photo_grid
+
+    captions = []
+    for image_path, label, row in zip(paths, labels, probabilities):
         guess = int(row.argmax())
-        axis.set_title(f"{class_names[label]} -> {class_names[guess]} ({row[guess]:.2f})\n{Path(image_path).name}", fontsize=7)
-    figure.suptitle("Most confident mistakes (true -> predicted)", fontsize=9)
-    figure.tight_layout()
-    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
-    plt.close(figure)
+        captions.append((image_path, f"{class_names[label]} -> {class_names[guess]} ({row[guess]:.2f})\n{Path(image_path).name}"))
+    save_photo_grid(captions, path, "Most confident mistakes (true -> predicted)", "no mistakes", tile)
 
 
 def format_metrics(metrics: dict) -> str:

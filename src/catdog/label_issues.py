@@ -22,8 +22,8 @@ import numpy as np
 
 from catdog.config import option
 from catdog.data import DataError, LabelledImages, default_num_workers, discover
-from catdog.files import write_csv_atomic, write_with_atomic
-from catdog.images import ImageLoadError, load_image
+from catdog.files import write_csv_atomic
+from catdog.images import ImageLoadError
 
 CSV_COLUMNS = ["path", "given_label", "suggested_label", "given_label_probability", "label_issue"]
 
@@ -161,31 +161,12 @@ def write_label_issues_csv(path: Path, rows: list[LabelIssue]) -> None:
 
 def plot_label_issues(rows: list[LabelIssue], path: Path, tile: int = 160) -> None:
     """A grid of the most suspicious photos titled "given -> suggested (probability of the given label)"."""
-    from catdog.plotting import headless_pyplot
+    from catdog.plotting import save_photo_grid
 
-    plt = headless_pyplot()
-
-    columns = max(1, min(6, len(rows)))
-    grid_rows = max(1, -(-len(rows) // columns))
-    figure, axes = plt.subplots(grid_rows, columns, figsize=(columns * 2.0, grid_rows * 2.7 + 0.3), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    if not rows:
-        axes[0][0].text(0.5, 0.5, "no photos", ha="center", va="center")
-    for axis, row in zip(axes.flat, rows):
-        try:
-            picture = load_image(row.absolute_path, draft_size=tile)
-            picture.thumbnail((tile, tile))
-            axis.imshow(picture)
-        except ImageLoadError:
-            axis.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-        marker = " *" if row.label_issue else ""
-        axis.set_title(f"{row.given_label} -> {row.suggested_label} ({row.given_label_probability:.3f}){marker}\n"
-                       f"{Path(row.path).name}", fontsize=7)
-    figure.suptitle("Likely label errors: given -> suggested (probability of the given label); * flagged", fontsize=9)
-    figure.tight_layout()
-    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
-    plt.close(figure)
+    captions = [(row.absolute_path, f"{row.given_label} -> {row.suggested_label} ({row.given_label_probability:.3f})"
+                                    f"{' *' if row.label_issue else ''}\n{Path(row.path).name}") for row in rows]
+    save_photo_grid(captions, path, "Likely label errors: given -> suggested (probability of the given label); * flagged",
+                    "no photos", tile)
 
 
 def run_label_issues(config: LabelIssuesConfig, log=print) -> int:

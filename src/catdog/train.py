@@ -316,15 +316,20 @@ def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
     return torch.tensor(len(labels) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The one seed of an epoch's randomness, from (seed, epoch) alone, so a resumed run replays exactly."""
+    return seed * 100_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Shuffling and augmentation randomness derived from (seed, epoch) alone, so a resumed run replays exactly."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
     """Reseed the global generators (dropout, augmentation without workers) from (seed, epoch), so epoch N draws
     the same numbers whether or not the run was interrupted before it."""
-    seed_everything(seed * 100_003 + epoch)
+    seed_everything(epoch_seed(seed, epoch))
 
 
 def seed_everything(seed: int) -> None:

@@ -42,6 +42,7 @@ from catdog.train import (
     build_optimizer,
     build_scheduler,
     epoch_generator,
+    epoch_seed,
     predict_logits,
     progress_bar,
     rng_state,
@@ -142,7 +143,7 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     for epoch in range(tracker.start_epoch, config.epochs):
         seed_epoch(rank_seed, epoch)
         generator = epoch_generator(rank_seed, epoch)
-        train_dataset.augmentation_seed = config.seed * 100_003 + epoch
+        train_dataset.augmentation_seed = epoch_seed(config.seed, epoch)
         global_batches.set_epoch(epoch)
         sampler = (WeightedRandomSampler(sample_weights, len(sample_weights), generator=generator)
                    if sample_weights is not None else global_batches)
