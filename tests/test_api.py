@@ -189,7 +189,7 @@ def test_load_without_a_run_is_the_builtin_model():
 
 
 def test_load_refuses_what_is_not_a_run(tmp_path):
-    from catdog.checkpoint import RunError
+    from catdog.runs import RunError
 
     with pytest.raises(RunError, match="not a catdog run directory"):
         catdog.load(tmp_path)

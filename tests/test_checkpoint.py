@@ -9,7 +9,9 @@ import threading
 import pytest
 import torch
 
-from catdog.checkpoint import RunError, flatten_state, load_model, load_training_state, save_training_state, unflatten_state
+from catdog.checkpoint import flatten_state, load_model, load_training_state, save_training_state, unflatten_state
+
+from catdog.runs import RunError
 from catdog.files import write_text_atomic
 
 

@@ -22,8 +22,10 @@ import torch
 from conftest import colour_image, make_kaggle_folder
 from safetensors.torch import load_file
 
-from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
-from catdog.data import ImageFileDataset, collate_skipping_bad_images
+from catdog.checkpoint import load_model, load_training_state
+
+from catdog.runs import LAST_CHECKPOINT_FILE
+from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
 from catdog.predict import PredictConfig, run_predict
 from catdog.train import TrainConfig, predict_logits, train
 from catdog.train_finetune import GlobalBatchSampler

@@ -11,7 +11,7 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 from PIL import Image
 
-from catdog.checkpoint import RunMeta
+from catdog.runs import RunMeta
 from catdog.cli import main
 from catdog.explain import GradCamExplainer, load_explainer
 from catdog.models import MODEL_SPECS, create_model

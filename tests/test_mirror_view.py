@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from catdog.checkpoint import RunMeta
+from catdog.runs import RunMeta
 from catdog.predict import MIRROR_MIN_VALIDATION_IMAGES, Predictor, choose_mirror_threshold, softmax
 from catdog.transforms import Preprocess
 

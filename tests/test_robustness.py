@@ -169,7 +169,9 @@ def train_command(data: Path, out: Path, epochs: int, resume: bool = False) -> l
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     from conftest import make_kaggle_folder
 
-    from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
+    from catdog.checkpoint import load_model, load_training_state
+
+    from catdog.runs import LAST_CHECKPOINT_FILE
 
     data = make_kaggle_folder(tmp_path / "train", per_class=24, size=(96, 72))
     epochs = 6

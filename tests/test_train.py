@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import make_kaggle_folder
 
-from catdog.checkpoint import LAST_CHECKPOINT_FILE, load_model, load_training_state
+from catdog.checkpoint import load_model, load_training_state
+
+from catdog.runs import LAST_CHECKPOINT_FILE
 from catdog.train import (
     TrainConfig,
     build_scheduler,

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog.transforms import Preprocess, eval_transform, train_transform
+from catdog.transforms import Preprocess, eval_transform
+
+from catdog.augmentation import train_transform
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -30,7 +32,7 @@ def test_eval_transform_matches_resize_crop_normalise(size, interpolation):
     reference = v2.Compose([v2.Resize(preprocess.resize_size, interpolation=mode, antialias=True),
                             v2.CenterCrop(preprocess.input_size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(preprocess.mean, preprocess.std)])(image)
-    ours = eval_transform(preprocess)(image)
+    ours = torch.from_numpy(eval_transform(preprocess)(image))
     assert ours.shape == reference.shape == (3, 224, 224) and ours.dtype == torch.float32
     difference = (ours - reference).abs()
     # Resampling only the crop box may round a few pixels the other way (one uint8 level = 1/255/std = 0.02 here);
@@ -42,7 +44,7 @@ def test_eval_transform_of_an_exact_size_image_is_pure_normalisation():
     preprocess = Preprocess(64, 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     image = photo_like(64, 64)
     expected = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
-    assert torch.allclose(eval_transform(preprocess)(image), expected, atol=1e-6)
+    assert torch.allclose(torch.from_numpy(eval_transform(preprocess)(image)), expected, atol=1e-6)
 
 
 def test_train_transform_gives_the_input_size_and_varies():

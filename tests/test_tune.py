@@ -122,7 +122,7 @@ def test_unfreeze_trains_the_last_fraction_of_the_backbone():
 
 def test_augmentation_strength_runs_from_none_to_the_tutorials_recipe():
     from catdog.train_finetune import augmentation_of_strength
-    from catdog.transforms import Augmentation
+    from catdog.augmentation import Augmentation
 
     assert augmentation_of_strength(1.0) == Augmentation()
     none = augmentation_of_strength(0.0)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 if TYPE_CHECKING:
     from PIL import Image
 
-    from catdog.checkpoint import RunMeta
+    from catdog.runs import RunMeta
     from catdog.explain import Explanation
     from catdog.predict import Predictor
 
@@ -71,7 +71,7 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
         """The run in `path`; `RunError` if it is not a catdog run directory."""
-        from catdog.checkpoint import check_not_pickle, read_meta
+        from catdog.runs import check_not_pickle, read_meta
 
         check_not_pickle(path)
         path = Path(path)

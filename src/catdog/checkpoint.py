@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catdog import __version__
 from catdog.files import atomic_path, write_json_atomic
-from catdog.transforms import Preprocess
+from catdog.runs import MODEL_FILE, META_FILE, RunError, RunMeta, check_not_pickle, read_meta
 
 if TYPE_CHECKING:
     import torch
@@ -29,56 +27,6 @@ if TYPE_CHECKING:
 
 # torch, safetensors and the models are imported where they are used: reading a run's metadata (predict with a
 # cached ONNX file) then never pays for importing torch.
-
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
-LAST_CHECKPOINT_FILE = "last_checkpoint.safetensors"
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
-
-
-class RunError(Exception):
-    """A run directory that is missing, incomplete or holds an unsafe file."""
-
-
-@dataclass
-class RunMeta:
-    """What a saved model needs to be used again, exactly as it was trained.
-
-    model_name: key of `models.MODEL_SPECS`.
-    class_names: output index -> class name.
-    preprocess: evaluation preprocessing (input size, crop, mean, std).
-    temperature: logits are divided by it before softmax (calibrated on the validation split; 1.0 = none).
-    strategy: how the weights were trained ("head" on cached features or "finetune").
-    tta: whether validation (and the temperature) averaged each image with its mirror image; predict does the same
-    unless told otherwise.
-    metrics: validation figures at the best epoch.
-    mirror_below: with tta, predict adds the mirror view only for photos whose first-view confidence is below this
-    (chosen on the validation split so that accuracy and log loss stay those of averaging every photo; see
-    `predict.choose_mirror_threshold`); None: every photo gets it.
-    """
-
-    model_name: str
-    class_names: list[str]
-    preprocess: Preprocess
-    temperature: float = 1.0
-    strategy: str = "finetune"
-    tta: bool = False
-    metrics: dict[str, Any] = field(default_factory=dict)
-    mirror_below: float | None = None
-    catdog_version: str = __version__
-
-    def to_dict(self) -> dict:
-        values = asdict(self)
-        values["preprocess"] = self.preprocess.to_dict()
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "RunMeta":
-        values = dict(values)
-        values["preprocess"] = Preprocess.from_dict(values["preprocess"])
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in values.items() if key in known})
-
 
 def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
@@ -93,24 +41,6 @@ def save_model(run_dir: str | os.PathLike, model: Classifier, meta: RunMeta) -> 
     run_dir = Path(run_dir)
     save_tensors_atomic(run_dir / MODEL_FILE, model.state_dict(), {"catdog_meta": json.dumps(meta.to_dict())})
     write_json_atomic(run_dir / META_FILE, meta.to_dict())
-
-
-def read_meta(run_dir: str | os.PathLike) -> RunMeta:
-    path = Path(run_dir) / META_FILE
-    try:
-        return RunMeta.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise RunError(f"{run_dir}: not a catdog run directory (no {META_FILE})") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise RunError(f"{path}: unreadable run metadata ({error})") from error
-
-
-def check_not_pickle(path: str | os.PathLike) -> None:
-    if str(path).lower().endswith(PICKLE_SUFFIXES):
-        raise RunError(
-            f"{path}: refusing to load a pickled file (it can run arbitrary code). catdog loads weights only from "
-            "safetensors; pass a run directory made by `catdog train`."
-        )
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -161,7 +161,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def _failure_types() -> tuple[type[BaseException], ...]:
     """The errors that mean "the job failed" (exit 1). Imported once an error is raised, not at every start, since
     their modules import torch and Optuna."""
-    from catdog.checkpoint import RunError
+    from catdog.runs import RunError
     from catdog.data import DataError
     from catdog.images import ImageLoadError
     from catdog.models import PretrainedWeightsUnavailable

@@ -1,4 +1,5 @@
-"""Data sets on disk: layout detection, the stratified split, PyTorch datasets and `catdog data inspect`.
+"""Data sets on disk: layout detection and the stratified split. Runtime layer (no torch): the PyTorch datasets
+are `catdog.datasets`.
 
 Supported layouts (detected automatically, overridable with `layout=`):
 - `kaggle`: a flat folder of `<class>.<id>.<ext>` files (Kaggle's `train/cat.0.jpg`); a folder holding `train/`
@@ -18,14 +19,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
-
-from catdog.images import ImageLoadError, has_image_extension, load_image
+from catdog.images import has_image_extension
 
 LAYOUTS = ("auto", "kaggle", "folders", "csv")
 _KAGGLE_NAME = re.compile(r"^([A-Za-z][A-Za-z_\-]*)\.[^.]+\.[A-Za-z]+$")
@@ -269,80 +267,6 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
         val_indices.extend(members[:count_val].tolist())
         train_indices.extend(members[count_val:].tolist())
     return sorted(train_indices), sorted(val_indices)
-
-
-class ImageFileDataset:
-    """Images from disk through the shared loader and a transform. A bad file yields `None` instead of crashing;
-    `collate_skipping_bad_images` drops it from the batch and reports its path. A map-style dataset for
-    torch's DataLoader (any class with `__len__` and `__getitem__` is one), so that listing data needs no torch."""
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        labels: Sequence[int] | None,
-        transform: Callable,
-        draft_size: int | None = None,
-        max_pixels: int | None = None,
-    ):
-        self.paths = list(paths)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
-        self.transform = transform
-        self.draft_size = draft_size
-        self.loader_options = {} if max_pixels is None else {"max_pixels": max_pixels}
-        # Set by training for each epoch: the random transform of image i then depends on (augmentation_seed, i)
-        # alone, not on which process or loader worker draws it, so K processes under torchrun augment every
-        # image exactly as one process would. None: the transform draws from the worker's generator as usual.
-        self.augmentation_seed: int | None = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        try:
-            image = load_image(path, draft_size=self.draft_size, **self.loader_options)
-        except ImageLoadError as error:
-            return {"index": index, "error": error}
-        if self.augmentation_seed is None:
-            return {"index": index, "image": self.transform(image), "label": self.labels[index]}
-        import torch
-
-        with torch.random.fork_rng(devices=[]):  # the caller's generator state is left as it was
-            torch.manual_seed(self.augmentation_seed * 1_000_003 + index)
-            transformed = self.transform(image)
-        return {"index": index, "image": transformed, "label": self.labels[index]}
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor
-    errors: list[ImageLoadError]
-
-
-def collate_skipping_bad_images(samples: list[dict]) -> Batch:
-    import torch
-
-    good = [sample for sample in samples if "image" in sample]
-    errors = [sample["error"] for sample in samples if "error" in sample]
-    if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), errors)
-    return Batch(
-        torch.stack([sample["image"] for sample in good]),
-        torch.tensor([sample["label"] for sample in good], dtype=torch.long),
-        torch.tensor([sample["index"] for sample in good], dtype=torch.long),
-        errors,
-    )
-
-
-def dataloader_options(device: torch.device, num_workers: int) -> dict:
-    """Workers decode in parallel with the model; pinned memory only pays off when copying to a GPU."""
-    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "collate_fn": collate_skipping_bad_images}
-    if num_workers > 0:
-        options["persistent_workers"] = False
-        options["prefetch_factor"] = 4
-    return options
 
 
 def default_num_workers() -> int:

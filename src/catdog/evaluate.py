@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from catdog.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
-from catdog.checkpoint import check_not_pickle, load_model, read_meta
+from catdog.checkpoint import load_model
+from catdog.runs import check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import discover
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic

@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from catdog.checkpoint import RunMeta, check_not_pickle, load_model
+from catdog.checkpoint import load_model
+
+from catdog.runs import RunMeta, check_not_pickle
 from catdog.config import option
 from catdog.files import write_bytes_atomic, write_csv_atomic
 from catdog.images import ImageLoadError, load_image

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from catdog import __version__
-from catdog.data import collate_skipping_bad_images
+from catdog.datasets import collate_skipping_bad_images
 from catdog.files import atomic_path, default_cache_dir  # noqa: F401 (default_cache_dir: imported from here too)
 from catdog.images import ImageLoadError, load_image
 from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from catdog import __version__
-from catdog.checkpoint import MODEL_FILE, RunError, RunMeta, check_not_pickle, load_model, read_meta
+from catdog.checkpoint import load_model
+from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import DataError, broken_link_problem, describe_left_out, find_image_files
 from catdog.files import write_csv_atomic
@@ -164,7 +165,7 @@ class Predictor:
     def _loader_batches(self, paths: Sequence[Path], batch_size: int, num_workers: int):
         from torch.utils.data import DataLoader
 
-        from catdog.data import ImageFileDataset, collate_skipping_bad_images
+        from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
 
         if num_workers < 0:
             num_workers = 1 if len(paths) > batch_size else 0  # one decoder process overlaps with the model

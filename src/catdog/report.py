@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog.checkpoint import RunMeta, check_not_pickle, read_meta
+from catdog.runs import RunMeta, check_not_pickle, read_meta
 from catdog.config import option
 from catdog.files import write_text_atomic
 from catdog.images import ImageLoadError, load_image

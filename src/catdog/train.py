@@ -30,24 +30,17 @@ import torch
 from torch import nn
 
 from catdog.calibration import fit_temperature
-from catdog.checkpoint import (
-    LAST_CHECKPOINT_FILE,
-    RunMeta,
-    load_training_state,
-    save_model,
-)
+from catdog.checkpoint import load_training_state, save_model
+from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
 from catdog.config import option
-from catdog.data import (
-    Batch,
-    DataError,
-    LabelledImages,
-    discover,
-    stratified_split,
-)
+from catdog.data import DataError, LabelledImages, discover, stratified_split
+from catdog.datasets import Batch
+from catdog.devices import resolve_device
 from catdog.distributed import barrier, init_from_environment, is_main_process, world_size
 from catdog.files import write_csv_atomic, write_json_atomic
 from catdog.images import ImageLoadError
 from catdog.metrics import classification_metrics
+from catdog.progress import progress_bar  # noqa: F401 (the strategies' progress bars)
 from catdog.models import create_model, get_model_spec
 from catdog.transforms import Preprocess
 
@@ -125,15 +118,6 @@ class TrainConfig:
             raise ValueError("label_smoothing must be in [0, 1)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be between 0 and 1")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device")
-    return device
 
 
 def resolve_preprocess(config: TrainConfig, strategy: str) -> Preprocess:
@@ -407,7 +391,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         result = _finish_run(config, run_dir, model, preprocess, strategy, images.class_names, outcome, audit_skipped, started, log)
     barrier()  # the run directory is complete before any rank returns
     if not main:  # the other ranks return the run rank 0 wrote (the run directory is on a shared file system)
-        from catdog.checkpoint import read_meta
+        from catdog.runs import read_meta
 
         result = TrainResult(run_dir, read_meta(run_dir), [], audit_skipped, time.perf_counter() - started)
     return result
@@ -543,12 +527,6 @@ class Tracker:
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()), "python": repr(random.getstate())}
-
-
-def progress_bar(enabled: bool, total: int, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 def build_loss_function(config: TrainConfig, labels: list[int], num_classes: int) -> nn.Module:

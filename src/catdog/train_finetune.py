@@ -21,8 +21,11 @@ from timm.utils.distributed import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from catdog.checkpoint import LAST_CHECKPOINT_FILE, RunMeta, load_model, save_model, save_training_state
-from catdog.data import ImageFileDataset, LabelledImages, dataloader_options, default_num_workers
+from catdog.checkpoint import load_model, save_model, save_training_state
+
+from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
+from catdog.data import LabelledImages, default_num_workers
+from catdog.datasets import ImageFileDataset, dataloader_options
 from catdog.distributed import (
     all_gather_objects,
     barrier,
@@ -51,7 +54,8 @@ from catdog.train import (
     seed_epoch,
     train_one_epoch,
 )
-from catdog.transforms import Augmentation, Preprocess, eval_transform, train_transform
+from catdog.transforms import Preprocess, eval_transform
+from catdog.augmentation import Augmentation, train_transform
 
 
 def unfreeze_backbone(model: Classifier, fraction: float) -> None:

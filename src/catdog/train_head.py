@@ -15,8 +15,11 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from catdog.checkpoint import LAST_CHECKPOINT_FILE, save_training_state
-from catdog.data import Batch, DataError, LabelledImages, default_num_workers
+from catdog.checkpoint import save_training_state
+
+from catdog.runs import LAST_CHECKPOINT_FILE
+from catdog.data import DataError, LabelledImages, default_num_workers
+from catdog.datasets import Batch
 from catdog.distributed import all_gather_objects, is_main_process, shard, shard_indices, world_size
 from catdog.features import FeatureSet, cache_folder, default_cache_dir, extract_features
 from catdog.images import ImageLoadError

@@ -1,9 +1,11 @@
-"""Preprocessing presets. The settings travel with each model (`models.ModelSpec.preprocess`) and are saved in a
-run's `meta.json`, so predict, serve and export always preprocess exactly as training did.
+"""Preprocessing: how an image becomes the model's input. Runtime layer: Pillow and NumPy, never torch.
+
+The settings travel with each model (`models.ModelSpec.preprocess`), are saved in a run's `meta.json` and inside
+every exported model file, so predict, serve and export always preprocess exactly as training did.
 
 The evaluation transform (used for features, evaluation, prediction and serving) is Pillow + NumPy: it is as
-fast as torchvision's and keeps torchvision (and the 4 s it takes to import) out of the prediction path.
-torchvision's v2 transforms do the training-time augmentation.
+fast as torchvision's and keeps torch out of the prediction path. Training-time augmentation (torchvision) is
+`catdog.augmentation`, in the training layer.
 """
 
 from __future__ import annotations
@@ -11,13 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from PIL import Image
-
-if TYPE_CHECKING:
-    import torch
 
 EVAL_TRANSFORM_VERSION = 3  # part of the feature-cache key: bump when `EvalTransform` changes its output
 
@@ -63,25 +60,10 @@ class Preprocess:
         return cls(**{key: values[key] for key in ("input_size", "crop_fraction", "mean", "std", "interpolation")})
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Training-time augmentation (the tutorial's recipe by default).
-
-    crop_scale: area range of RandomResizedCrop, as fractions of the image.
-    flip: probability of a horizontal flip.
-    rotation_degrees: maximum rotation either way.
-    color_jitter: brightness, contrast, saturation, hue.
-    """
-
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    flip: float = 0.5
-    rotation_degrees: float = 10.0
-    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
-
-
 class EvalTransform:
     """Resize the shorter side to `resize_size` (antialiased), centre-crop `input_size`, scale to [0, 1],
-    normalise; returns a float32 tensor [3, input_size, input_size].
+    normalise; returns a float32 NumPy array [3, input_size, input_size] (the training layer's datasets turn it
+    into a tensor; prediction feeds it to ONNX Runtime as it is).
 
     Written for speed, because it runs once per image in prediction and feature extraction: only the source region
     that lands in the crop is resampled (PIL's `box`; the same sampling grid as resizing the whole image and then
@@ -105,13 +87,11 @@ class EvalTransform:
         x_scale, y_scale = resized_width / width, resized_height / height
         return left / x_scale, top / y_scale, (left + size) / x_scale, (top + size) / y_scale
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        import torch  # here, not at the top: prediction through ONNX Runtime calls `array` and never needs torch
-
-        return torch.from_numpy(self.array(image))
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.array(image)
 
     def array(self, image: Image.Image) -> np.ndarray:
-        """The same as calling the transform, as a NumPy array (prediction with ONNX Runtime needs no torch)."""
+        """The model's input for one RGB image: float32 [3, input_size, input_size]."""
         size = self.preprocess.input_size
         box = self.crop_box(*image.size)
         if box[2] - box[0] == size and box[3] - box[1] == size:  # no resizing: a plain crop
@@ -128,27 +108,3 @@ class EvalTransform:
 def eval_transform(preprocess: Preprocess) -> EvalTransform:
     """Resize the shorter side, centre-crop, normalise."""
     return EvalTransform(preprocess)
-
-
-def train_transform(preprocess: Preprocess, augmentation: Augmentation = Augmentation()):
-    """Random resized crop, flip, small rotation, colour jitter, normalise."""
-    import torch
-    from torchvision.transforms import v2
-
-    interpolation = v2.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
-    steps: list = [
-        v2.PILToTensor(),
-        v2.RandomResizedCrop(
-            preprocess.input_size,
-            scale=augmentation.crop_scale,
-            interpolation=interpolation,
-            antialias=True,
-        ),
-        v2.RandomHorizontalFlip(augmentation.flip),
-    ]
-    if augmentation.rotation_degrees:
-        steps.append(v2.RandomRotation(augmentation.rotation_degrees))
-    if any(augmentation.color_jitter):
-        steps.append(v2.ColorJitter(*augmentation.color_jitter))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocess.mean, preprocess.std)]
-    return v2.Compose(steps)

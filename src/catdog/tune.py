@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from catdog.config import option
-from catdog.data import ImageFileDataset, LabelledImages, dataloader_options, default_num_workers, discover, stratified_split
+from catdog.data import LabelledImages, default_num_workers, discover, stratified_split
+from catdog.datasets import ImageFileDataset, dataloader_options
 from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
 from catdog.models import create_model
 from catdog.train import (
@@ -49,7 +50,8 @@ from catdog.train import (
 )
 from catdog.train_finetune import augmentation_of_strength, unfreeze_backbone
 from catdog.train_head import FeatureBatches, load_head_data
-from catdog.transforms import eval_transform, train_transform
+from catdog.transforms import eval_transform
+from catdog.augmentation import train_transform
 
 STRATEGIES = ("head", "finetune")
 

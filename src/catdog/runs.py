@@ -1,0 +1,83 @@
+"""Run directories as the runtime sees them: their metadata (`meta.json`) and the rules for opening them.
+
+This module is part of the runtime layer: it never imports torch. The weights themselves (`model.safetensors`) are
+read by `catdog.checkpoint` in the training layer; predicting and serving read an exported model file instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from catdog import __version__
+from catdog.transforms import Preprocess
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+LAST_CHECKPOINT_FILE = "last_checkpoint.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+
+
+class RunError(Exception):
+    """A run directory that is missing, incomplete or holds an unsafe file."""
+
+
+@dataclass
+class RunMeta:
+    """What a saved model needs to be used again, exactly as it was trained.
+
+    model_name: key of `models.MODEL_SPECS`.
+    class_names: output index -> class name.
+    preprocess: evaluation preprocessing (input size, crop, mean, std).
+    temperature: logits are divided by it before softmax (calibrated on the validation split; 1.0 = none).
+    strategy: how the weights were trained ("head" on cached features or "finetune").
+    tta: whether validation (and the temperature) averaged each image with its mirror image; predict does the same
+    unless told otherwise.
+    metrics: validation figures at the best epoch.
+    mirror_below: with tta, predict adds the mirror view only for photos whose first-view confidence is below this
+    (chosen on the validation split so that accuracy and log loss stay those of averaging every photo; see
+    `predict.choose_mirror_threshold`); None: every photo gets it.
+    """
+
+    model_name: str
+    class_names: list[str]
+    preprocess: Preprocess
+    temperature: float = 1.0
+    strategy: str = "finetune"
+    tta: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    mirror_below: float | None = None
+    catdog_version: str = __version__
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["preprocess"] = self.preprocess.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunMeta":
+        values = dict(values)
+        values["preprocess"] = Preprocess.from_dict(values["preprocess"])
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def read_meta(run_dir: str | os.PathLike) -> RunMeta:
+    path = Path(run_dir) / META_FILE
+    try:
+        return RunMeta.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: not a catdog run directory (no {META_FILE})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise RunError(f"{path}: unreadable run metadata ({error})") from error
+
+
+def check_not_pickle(path: str | os.PathLike) -> None:
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        raise RunError(
+            f"{path}: refusing to load a pickled file (it can run arbitrary code). catdog loads weights only from "
+            "safetensors; pass a run directory made by `catdog train`."
+        )
