@@ -127,7 +127,7 @@ def both_views(predictor, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 
 def scheme_probabilities(view_logits: np.ndarray, temperature: float, mirror_below: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-    from catdog.predict import softmax
+    from catdog.probabilities import softmax
 
     everything = softmax(view_logits.mean(axis=1) / temperature)
     first = softmax(view_logits[:, 0] / temperature)

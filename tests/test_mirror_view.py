@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from catdog.runs import RunMeta
-from catdog.predict import MIRROR_MIN_VALIDATION_IMAGES, Predictor, choose_mirror_threshold, softmax
+from catdog.predict import Predictor
+from catdog.probabilities import MIRROR_MIN_VALIDATION_IMAGES, choose_mirror_threshold, softmax
 from catdog.transforms import Preprocess
 
 

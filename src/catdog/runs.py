@@ -39,7 +39,7 @@ class RunMeta:
     metrics: validation figures at the best epoch.
     mirror_below: with tta, predict adds the mirror view only for photos whose first-view confidence is below this
     (chosen on the validation split so that accuracy and log loss stay those of averaging every photo; see
-    `predict.choose_mirror_threshold`); None: every photo gets it.
+    `probabilities.choose_mirror_threshold`); None: every photo gets it.
     """
 
     model_name: str

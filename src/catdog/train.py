@@ -410,7 +410,7 @@ def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess
     metrics = classification_metrics(val_labels.numpy(), probabilities, class_names)
     mirror_below = None
     if val_view_logits is not None and val_view_logits.shape[1] == 2:
-        from catdog.predict import choose_mirror_threshold
+        from catdog.probabilities import choose_mirror_threshold
 
         mirror_below = choose_mirror_threshold(val_view_logits.numpy(), val_labels.numpy(), temperature, log)
     meta = RunMeta(config.model, class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),

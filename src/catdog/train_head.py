@@ -197,6 +197,6 @@ def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, t
     evaluate(head, val_batches, plain_loss, torch.device("cpu"))  # puts the head in eval mode
     with torch.inference_mode():
         # Each view's logits, [images, views, classes]: train validates on their mean, and chooses on them which
-        # photos predict gives the mirror view (`predict.choose_mirror_threshold`).
+        # photos predict gives the mirror view (`probabilities.choose_mirror_threshold`).
         val_view_logits = head(val_features)
     return tracker.history, skipped, val_view_logits, val_labels
