@@ -178,7 +178,6 @@ class Model:
     def __init__(self, predictor: "Predictor", run: Run | None):
         self.predictor = predictor
         self.run = run
-        self._explainer = None  # built on the first explain(): Grad-CAM needs the PyTorch model and captum
 
     @property
     def class_names(self) -> list[str]:
@@ -263,7 +262,7 @@ class Model:
         heatmap over it, a PIL image). target: the class to explain; None: the predicted class."""
         from PIL import Image
 
-        from catdog.explain import explainer_for
+        from catdog.explain import explain_photo
         from catdog.images import load_image, to_rgb
 
         if target is not None and target not in self.class_names:
@@ -274,19 +273,20 @@ class Model:
             photo = load_image(image)
         else:
             raise TypeError(f"explain() takes a path or a PIL image, not {type(image).__name__}")
-        if self._explainer is None:
-            self._explainer = explainer_for(self.predictor)
-        return self._explainer.explain(photo, tta=tta, target=None if target is None else self.class_names.index(target))
+        return explain_photo(self.predictor, photo, tta=tta, target=None if target is None else self.class_names.index(target))
 
 
-def load(run: RunLike | None = None, *, backend: str = "auto", device: str = "auto") -> Model:
-    """A run's model ready to predict, or with no run the built-in zero-training cat/dog model.
-
-    backend: "auto" (ONNX Runtime on a CPU, PyTorch on CUDA), "torch" or "onnxruntime".
-    """
-    from catdog.predict import load_predictor
+def load(run: RunLike | None = None, *, model: str | os.PathLike | None = None, backend: str = "auto",
+         device: str = "auto") -> Model:
+    """A model ready to predict: an exported file (`model="model.onnx"`, all a runtime-only install can load), a
+    run (its model.onnx, or exported on first use with catdog[train]), or with neither the built-in zero-training
+    cat/dog model. backend: "auto" (ONNX Runtime; PyTorch on a CUDA machine with catdog[train]), "torch" or
+    "onnxruntime"."""
+    from catdog.model_files import load_predictor
 
     if run is None:
-        return Model(load_predictor("", backend, device), None)
+        return Model(load_predictor(str(model or ""), "", backend, device), None)
+    if model is not None:
+        raise ValueError("give a run or model=, not both")
     opened = run if isinstance(run, Run) else Run.open(run)
-    return Model(load_predictor(str(opened.path), backend, device), opened)
+    return Model(load_predictor("", str(opened.path), backend, device), opened)

@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from catdog.config import add_config_arguments, config_from_arguments
+from catdog.extras import MissingExtra, installed, require_extra
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -32,9 +33,17 @@ def _command_evaluate(arguments) -> int:
 
 
 def _command_predict(arguments) -> int:
-    from catdog.predict import PredictConfig, run_predict
+    from catdog.model_files import load_predictor
+    from catdog.predict import PredictConfig, launched_processes, run_predict
 
-    return run_predict(config_from_arguments(PredictConfig, arguments, arguments.config))
+    config = config_from_arguments(PredictConfig, arguments, arguments.config)
+    if launched_processes() > 1:  # under torchrun: the ranks share the files (torch.distributed)
+        require_extra("train", what="predicting under torchrun")
+        from catdog.backends import run_predict_across_ranks  # the training layer, installed (checked above)
+
+        return run_predict_across_ranks(config)
+    predictor = load_predictor(config.model, config.run, config.backend, config.device, config.cache_dir or None)
+    return run_predict(config, predictor)
 
 
 def _command_inspect(arguments) -> int:
@@ -64,9 +73,13 @@ def _command_export(arguments) -> int:
 
 
 def _command_serve(arguments) -> int:
+    from catdog.model_files import model_file_for
     from catdog.serve.app import ServeConfig, run_server
 
-    run_server(config_from_arguments(ServeConfig, arguments, arguments.config))
+    config = config_from_arguments(ServeConfig, arguments, arguments.config)
+    # The server (and each of its --workers) runs one exported file: a run or the built-in model is exported first.
+    config.model, config.run = str(model_file_for(config.model, config.run, config.cache_dir or None)), ""
+    run_server(config)
     return 0
 
 
@@ -79,8 +92,10 @@ def _command_tune(arguments) -> int:
 
 def _command_explain(arguments) -> int:
     from catdog.explain import ExplainConfig, run_explain
+    from catdog.model_files import load_predictor
 
-    return run_explain(config_from_arguments(ExplainConfig, arguments, arguments.config))
+    config = config_from_arguments(ExplainConfig, arguments, arguments.config)
+    return run_explain(config, load_predictor(config.model, config.run, "onnxruntime", "cpu", config.cache_dir or None))
 
 
 def _command_report(arguments) -> int:
@@ -103,31 +118,35 @@ def _config_class(module: str, name: str):
     return getattr(importlib.import_module(module), name)
 
 
-COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...]]] = {
-    # name: (help, "module:ConfigClass", handler, positional fields)
-    "train": ("train a classifier", "catdog.train:TrainConfig", _command_train, ()),
-    "evaluate": ("metrics and plots for a trained run", "catdog.evaluate:EvaluateConfig", _command_evaluate, ()),
-    "predict": ("classify image files or folders into a CSV", "catdog.predict:PredictConfig", _command_predict, ("paths",)),
-    "export": ("export a run to ONNX or TorchScript", "catdog.export:ExportConfig", _command_export, ()),
-    "serve": ("web service and page for a run", "catdog.serve.app:ServeConfig", _command_serve, ()),
-    "tune": ("hyper-parameter search with Optuna", "catdog.tune:TuneConfig", _command_tune, ()),
-    "explain": ("Grad-CAM: the photo with the predicted class's heatmap over it", "catdog.explain:ExplainConfig", _command_explain, ("paths",)),
-    "report": ("one self-contained HTML report of a run", "catdog.report:ReportConfig", _command_report, ()),
-    "models": ("list the available models", None, _command_models, ()),
+TRAIN, TUNE = ("train",), ("train", "tune")
+COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...], tuple[str, ...]]] = {
+    # name: (help, "module:ConfigClass", handler, positional fields, extras it needs beyond the runtime)
+    "train": ("train a classifier", "catdog.train:TrainConfig", _command_train, (), TRAIN),
+    "evaluate": ("metrics and plots for a trained run", "catdog.evaluate:EvaluateConfig", _command_evaluate, (), TRAIN),
+    "predict": ("classify image files or folders into a CSV", "catdog.predict:PredictConfig", _command_predict, ("paths",), ()),
+    "export": ("export a run (or --builtin) to one deployable ONNX file", "catdog.export:ExportConfig", _command_export, (), TRAIN),
+    "serve": ("web service and page for an exported model", "catdog.serve.app:ServeConfig", _command_serve, (), ()),
+    "tune": ("hyper-parameter search with Optuna", "catdog.tune:TuneConfig", _command_tune, (), TUNE),
+    "explain": ("Grad-CAM: the photo with the predicted class's heatmap over it", "catdog.explain:ExplainConfig", _command_explain, ("paths",), ()),
+    "report": ("one self-contained HTML report of a run", "catdog.report:ReportConfig", _command_report, (), TRAIN),
+    "models": ("list the available models", None, _command_models, (), TRAIN),
 }
 DATA_COMMANDS = {
-    "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.inspect_data:InspectConfig", _command_inspect, ("data",)),
-    "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.audit:AuditConfig", _command_audit, ("data",)),
-    "issues": ("likely label errors: photos whose label out-of-fold heads least believe", "catdog.label_issues:LabelIssuesConfig", _command_issues, ("data",)),
+    "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.inspect_data:InspectConfig", _command_inspect, ("data",), TRAIN),
+    "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.audit:AuditConfig", _command_audit, ("data",), TRAIN),
+    "issues": ("likely label errors: photos whose label out-of-fold heads least believe", "catdog.label_issues:LabelIssuesConfig", _command_issues, ("data",), TRAIN),
 }
 
 
 def _add_commands(subparsers, commands, wanted: str | None) -> None:
-    """One sub-command per entry; its options (which import its module) only for `wanted` (None: all of them)."""
-    for name, (help_text, config_path, handler, positional) in commands.items():
-        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    """One sub-command per entry; its options (which import its module) only for `wanted` (None: all of them
+    whose extras are installed; the others say which extra they need)."""
+    for name, (help_text, config_path, handler, positional, extras) in commands.items():
+        available = all(installed(extra) for extra in extras)
+        shown = help_text if available else f"{help_text} (needs catdog[{','.join(extras)}])"
+        parser = subparsers.add_parser(name, help=shown, description=shown)
         parser.set_defaults(handler=handler)
-        if config_path and wanted in (None, name):
+        if config_path and wanted in (None, name) and available:
             config_class = _config_class(*config_path.split(":"))
             parser.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
             add_config_arguments(parser, config_class, positional)
@@ -158,6 +177,17 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _require_the_command_extras(argv: Sequence[str]) -> None:
+    """MissingExtra when the invoked command needs an extra that is not installed (before its options, which come
+    from its module, are built)."""
+    words = _requested_command(argv)
+    entry = COMMANDS.get(words[0]) if words else None
+    if words[:1] == ["data"]:
+        entry = DATA_COMMANDS.get(words[1]) if len(words) > 1 else None
+    if entry and entry[4]:
+        require_extra(*entry[4], what=f"catdog {' '.join(words)}")
+
+
 def _failure_types() -> tuple[type[BaseException], ...]:
     """The errors that mean "the job failed" (exit 1). Imported once an error is raised, not at every start, since
     their modules import torch and Optuna."""
@@ -177,9 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `torchrun ... -m catdog -- predict --run RUN`: the `--` keeps torchrun from reading --run as an
         # abbreviation of its own --run-path; depending on the Python version it reaches catdog too.
         argv = argv[1:]
-    arguments = build_parser(argv).parse_args(argv)
     try:
+        _require_the_command_extras(argv)
+        arguments = build_parser(argv).parse_args(argv)
         return arguments.handler(arguments)
+    except MissingExtra as error:  # one line naming the extra, no traceback
+        print(f"catdog: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("catdog: interrupted", file=sys.stderr)
         return 130

@@ -21,9 +21,11 @@ from catdog.checkpoint import load_model
 from catdog.runs import check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import discover
+from catdog.devices import resolve_device
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
 from catdog.metrics import classification_metrics
-from catdog.predict import PredictionOutcome, load_predictor
+from catdog.backends import load_run_predictor
+from catdog.predict import PredictionOutcome
 
 
 @dataclass
@@ -37,7 +39,7 @@ class EvaluateConfig:
     batch_size: int = option(64, "images per inference batch")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     feature_cache: bool = option(True, "runs trained with the head strategy: score through the cached backbone features, as training validated (--no-feature-cache runs the whole network on every image)")
-    cache_dir: str = option("", "feature cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
+    cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
 
     def __post_init__(self):
@@ -77,7 +79,7 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
         outcome = predict_through_feature_cache(run_dir, images.paths, tta, config.device, config.backend,
                                                 Path(config.cache_dir) if config.cache_dir else None)
     else:
-        predictor = load_predictor(config.run, backend=config.backend, device=config.device)
+        predictor = load_run_predictor(config.run, config.backend, config.device, config.cache_dir or None)
         log(f"evaluating {predictor.describe()} on {description}")
         outcome = predictor.predict_files(images.paths, batch_size=config.batch_size, tta=tta)
     class_names = list(meta.class_names)
@@ -123,7 +125,6 @@ def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device:
     import torch
 
     from catdog.features import extract_features
-    from catdog.train import resolve_device
 
     model, meta = load_model(run_dir)
     views = ("original", "flipped") if tta else ("original",)

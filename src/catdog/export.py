@@ -1,5 +1,23 @@
-"""Export a trained run to ONNX or TorchScript, with the class names and preprocessing inside the file, and a
-parity check against PyTorch after every export."""
+"""`catdog export`: a run (or the built-in cat/dog model) as one deployable ONNX file. Training layer (torch).
+
+The exported file is what predict and serve run without torch (`catdog.predict.load_model_file`). It holds:
+- the network, with three outputs (`DeployableNetwork`): "logits"; "features", the pooled penultimate vector
+  (what the head sees); and, for networks whose head is linear on average-pooled convolutional features (the
+  EfficientNets, ResNets and the built-in model), "class_maps": each class's Grad-CAM map;
+- in its metadata: the run's `meta.json` (class names, preprocessing, temperature, mirror-view threshold), where a
+  heatmap cell looks in the input (`heatmap_offset`), and the digest of the weights it came from.
+
+Why Grad-CAM can live inside the file: Grad-CAM weighs the channels of the last convolutional map A by the spatial
+mean of the gradient of the class's score (Selvaraju et al., 2017). When the score depends on A only through its
+spatial average p (global average pooling), that gradient is the same at every position, d score/d p divided by
+h*w, so the map is ReLU(sum_k (d score/d p_k) A_k): class activation mapping (Zhou et al., 2016) with the
+gradient as weights, which the graph computes in closed form with no backward pass. The explained score is the
+class's log-odds (its logit minus the log-sum-exp of the others), not its probability: a confidently predicted
+class has a probability gradient of almost exactly zero, which would give empty maps for exactly the photos one
+most wants explained.
+
+A parity check runs after every export: the file's probabilities must match PyTorch's to 1e-4.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +27,180 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+import torch
+from torch import nn
 
+from catdog import __version__
+from catdog.checkpoint import load_model
 from catdog.config import option
-from catdog.files import atomic_path
+from catdog.files import atomic_path, default_cache_dir
+from catdog.images import ImageLoadError, load_image
+from catdog.models import (
+    IMAGENET_CAT_CLASSES,
+    IMAGENET_DOG_CLASSES,
+    ZERO_TRAINING_MODEL_NAME,
+    ImageNetCatDogClassifier,
+    SimpleCNNBackbone,
+    create_zero_training_model,
+)
+from catdog.inference import session_options
+from catdog.predict import EXPORTED_MODEL_FILE, MODEL_FORMAT, ZERO_TRAINING_STRATEGY, load_run_model_file, weights_digest
+from catdog.runs import RunMeta, check_not_pickle
+from catdog.transforms import eval_transform
 
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported in the functions that export: `prediction_session_options` serves prediction through ONNX
-# Runtime, which never needs it.
+ZERO_TRAINING_BACKBONE = "efficientnet_lite0"
+PARITY_TOLERANCE = 1e-4
 
 
-def export_onnx_module(module: torch.nn.Module, path: str | os.PathLike, input_size: int, output_name: str = "logits",
-                       metadata: dict[str, str] | None = None) -> Path:
+class ExportParityError(RuntimeError):
+    """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
+
+
+# ---------------------------------------------------------------- the network as it is exported
+
+
+class DeployableNetwork(nn.Module):
+    """images -> (logits, features, class_maps): a catdog model with the outputs prediction, the out-of-distribution
+    score and heatmaps need. `has_class_maps` is False for networks without a convolutional map under an average
+    pool (transformers, for instance); they export logits and features only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        network = model.imagenet_model if isinstance(model, ImageNetCatDogClassifier) else model.backbone
+        self.has_class_maps = _average_pooled_convolutional(network)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("logits", "features", "class_maps") if self.has_class_maps else ("logits", "features")
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map [N, C, h, w] (Grad-CAM's layer)."""
+        network = self.model.imagenet_model if isinstance(self.model, ImageNetCatDogClassifier) else self.model.backbone
+        if isinstance(network, SimpleCNNBackbone):
+            return network.features[:8](images)
+        if hasattr(network, "forward_features"):  # timm
+            return network.forward_features(images)
+        x = network.maxpool(network.relu(network.bn1(network.conv1(images))))  # torchvision ResNet
+        return network.layer4(network.layer3(network.layer2(network.layer1(x))))
+
+    def forward(self, images: torch.Tensor):
+        if not self.has_class_maps:
+            features = self.model.backbone(images)
+            return self.model.head(features), features
+        if isinstance(getattr(self.model, "backbone", None), SimpleCNNBackbone):
+            return self._simple_cnn_outputs(images)
+        feature_map = self.feature_map(images).float()
+        features = feature_map.mean(dim=(2, 3))
+        if isinstance(self.model, ImageNetCatDogClassifier):
+            logits, jacobian = _cat_dog_logits_and_jacobian(self.model.imagenet_model, features)
+        else:
+            logits = self.model.head(features)
+            jacobian = self.model.head.weight.unsqueeze(0).expand(len(features), -1, -1)
+        gradients = _log_odds_gradients(logits, jacobian)  # [N, classes, C]
+        class_maps = torch.relu(torch.einsum("nkc,nchw->nkhw", gradients, feature_map))
+        return logits, features, class_maps
+
+
+    def _simple_cnn_outputs(self, images: torch.Tensor):
+        """The tutorial's network: max-pool, 7x7 average pool and a dense ReLU layer lie between its last
+        convolutional map A (the third ReLU) and the head, so the gradient is not the same at every position. Its
+        spatial sum, all Grad-CAM needs, is still closed-form: a max-pool routes each cell's gradient to one
+        position and an average pool spreads each bin's over the bin's cells, so the gradient summed over A's
+        positions is the gradient at the 7x7 map summed over its bins, and that is W_dense^T (relu'(z) * g)."""
+        backbone = self.model.backbone
+        feature_map = backbone.features[:8](images)  # [N, 64, S/4, S/4]
+        dense = backbone.dense[0]
+        pre_activation = dense(backbone.features[8:](feature_map))
+        features = torch.relu(pre_activation)
+        logits = self.model.head(features)
+        gradients = _log_odds_gradients(logits, self.model.head.weight.unsqueeze(0).expand(len(features), -1, -1))
+        at_pooled = (gradients * (pre_activation > 0).unsqueeze(1).to(gradients.dtype)) @ dense.weight  # [N, K, 64*49]
+        channel_weights = at_pooled.reshape(len(features), logits.shape[1], feature_map.shape[1], -1).sum(dim=3)
+        class_maps = torch.relu(torch.einsum("nkc,nchw->nkhw", channel_weights, feature_map))
+        return logits, features, class_maps
+
+
+def _average_pooled_convolutional(network: nn.Module) -> bool:
+    if isinstance(network, SimpleCNNBackbone):
+        return True  # not average-pooled, but its maps are closed-form too (`_simple_cnn_outputs`)
+    pool = getattr(network, "global_pool", None)
+    if hasattr(network, "forward_features") and getattr(pool, "pool_type", None) == "avg":
+        return True  # timm CNNs (EfficientNet, ResNet, ConvNeXt...) with average pooling
+    return all(hasattr(network, name) for name in ("layer4", "avgpool", "conv1"))  # torchvision ResNet
+
+
+def _cat_dog_logits_and_jacobian(imagenet_model: nn.Module, features: torch.Tensor):
+    """The built-in model's (cat, dog) logits from pooled features, and their Jacobian [N, 2, C]: the log of each
+    summed ImageNet probability has gradient E[W | the class group] - E[W | all 1000 classes]."""
+    classifier = imagenet_model.get_classifier()
+    imagenet_logits = classifier(features).float()
+    everything = torch.softmax(imagenet_logits, dim=1) @ classifier.weight  # [N, C]
+    logits, rows = [], []
+    for group in (IMAGENET_CAT_CLASSES, IMAGENET_DOG_CLASSES):
+        group_logits = imagenet_logits[:, list(group)]
+        logits.append(torch.logsumexp(group_logits, dim=1) - torch.logsumexp(imagenet_logits, dim=1))
+        rows.append(torch.softmax(group_logits, dim=1) @ classifier.weight[list(group)] - everything)
+    return torch.stack(logits, dim=1), torch.stack(rows, dim=1)
+
+
+def _log_odds_gradients(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
+    """d/dfeatures of each class's log-odds, logit_c - logsumexp(other logits): J_c - sum_j softmax_others(j) J_j."""
+    classes = logits.shape[1]
+    # A constant in the graph (ONNX Runtime has no boolean EyeLike): row c masks class c out.
+    others = torch.from_numpy(np.eye(classes, dtype=bool)).to(logits.device)
+    weights = torch.softmax(logits.unsqueeze(1).masked_fill(others.unsqueeze(0), float("-inf")), dim=2)  # [N, c, j]
+    return jacobian - weights @ jacobian
+
+
+def heatmap_offset(network: DeployableNetwork, input_size: int) -> tuple[float, float]:
+    """(rows, columns) in input pixels from where upsampling puts a feature-map cell to where the cell looks.
+
+    Upsampling a map of h cells to S pixels puts cell i at (i + 0.5) * S / h, but with symmetric padding a chain of
+    stride-2 convolutions centres cell i on input pixel i * stride: (stride - 1) / 2 pixels up and to the left
+    (15.5 pixels for EfficientNet and ResNet at stride 32, half a cell). Measured, not assumed: the input gradient
+    of the middle cell's channels is the cell's effective receptive field, and its centre of mass is where the
+    cell looks. Stored in the exported file, since the runtime has no gradients to measure it with.
+    """
+    if not network.has_class_maps:
+        return 0.0, 0.0
+    generator = torch.Generator().manual_seed(0)
+    images = (0.1 * torch.randn(1, 3, input_size, input_size, generator=generator)).requires_grad_(True)
+    with torch.enable_grad():
+        features = network.feature_map(images)
+        rows, columns = features.shape[-2:]
+        features[0, :, rows // 2, columns // 2].sum().backward()
+    weights = images.grad[0].abs().sum(dim=0).double()
+    if not torch.isfinite(weights).all() or weights.sum() <= 0:
+        return 0.0, 0.0
+    positions = torch.arange(input_size, dtype=torch.float64) + 0.5  # pixel centres
+    centre_row = float((weights.sum(dim=1) * positions).sum() / weights.sum())
+    centre_column = float((weights.sum(dim=0) * positions).sum() / weights.sum())
+    return centre_row - (rows // 2 + 0.5) * input_size / rows, centre_column - (columns // 2 + 0.5) * input_size / columns
+
+
+def export_onnx_module(module: nn.Module, path: str | os.PathLike, input_size: int,
+                       output_names: tuple[str, ...] = ("logits",), metadata: dict[str, str] | None = None) -> Path:
     """Write `module` as ONNX with a dynamic batch dimension; input "images" [N, 3, S, S] float32."""
-    import onnx
-    import torch
+    import onnx  # the ONNX package is needed to write metadata into the file
 
     path = Path(path)
     module = module.eval().cpu()
     example = torch.zeros(2, 3, input_size, input_size)
+    dynamic_axes = {name: {0: "batch"} for name in ("images", *output_names)}
     with atomic_path(path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             # The TorchScript-based exporter: quick, and it covers every backbone catdog ships.
-            torch.onnx.export(
-                module, (example,), str(temporary), input_names=["images"], output_names=[output_name],
-                dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=17, dynamo=False,
-            )
+            torch.onnx.export(module, (example,), str(temporary), input_names=["images"], output_names=list(output_names),
+                              dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
         except Exception:
             # e.g. adaptive pooling to a size that does not divide the input (simple_cnn at small sizes):
             # the torch.export-based exporter handles it.
-            torch.onnx.export(
-                module, (example,), str(temporary), input_names=["images"], output_names=[output_name],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=18, dynamo=True,
-                verbose=False,
-            )
+            torch.onnx.export(module, (example,), str(temporary), input_names=["images"], output_names=list(output_names),
+                              dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=18,
+                              dynamo=True, verbose=False)
         if metadata:
             model = onnx.load(str(temporary))
             for key, value in metadata.items():
@@ -57,86 +210,83 @@ def export_onnx_module(module: torch.nn.Module, path: str | os.PathLike, input_s
     return path
 
 
-def physical_cores() -> int:
-    """Cores this process may use, not counting SMT siblings (convolutions gain nothing from a core's second thread)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def model_file_metadata(meta: RunMeta, offset: tuple[float, float], weights_sha1: str = "") -> dict[str, str]:
+    """What `predict.load_model_file` reads back (and plain fields other tools can read)."""
+    return {"catdog_format": MODEL_FORMAT, "catdog_meta": json.dumps(meta.to_dict()), "heatmap_offset": json.dumps(list(offset)),
+            "weights_sha1": weights_sha1, "catdog_version": __version__, "class_names": json.dumps(meta.class_names),
+            "preprocess": json.dumps(meta.preprocess.to_dict()), "temperature": str(meta.temperature)}
+
+
+def builtin_model() -> tuple[nn.Module, RunMeta]:
+    """The zero-training cat/dog model (ImageNet classes summed) and its metadata."""
+    model, preprocess = create_zero_training_model(ZERO_TRAINING_BACKBONE)
+    return model, RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, ZERO_TRAINING_STRATEGY)
+
+
+def load_exportable(run: str | None) -> tuple[nn.Module, RunMeta, str]:
+    """(model, metadata, weights digest) of a run, or of the built-in model when `run` is empty."""
+    if not run:
+        model, meta = builtin_model()
+        return model, meta, ""
+    model, meta = load_model(run)
+    return model, meta, weights_digest(run)
+
+
+def write_model_file(model: nn.Module, meta: RunMeta, out: Path, weights_sha1: str = "",
+                     parity_images: torch.Tensor | None = None) -> float:
+    """Export `model` to `out` (atomically) and check its probabilities against PyTorch's; return the largest
+    difference. Nothing is left at `out` when the check fails."""
+    import onnxruntime  # the parity check runs the file as predict will
+
+    network = DeployableNetwork(model)
+    offset = heatmap_offset(network, meta.preprocess.input_size)
+    batch = parity_images if parity_images is not None else random_images(meta.preprocess.input_size, 4)
+    with torch.inference_mode():
+        reference = torch.softmax(network(batch)[0].float() / meta.temperature, dim=1).numpy()
+    staging = out.with_name(f".{out.name}.staging")
     try:
-        import psutil
-
-        return max(1, min(usable, psutil.cpu_count(logical=False) or usable))
-    except ImportError:
-        return max(1, usable)
-
-
-def prediction_session_options():
-    """ONNX Runtime settings for prediction on a CPU (`catdog predict`, evaluate, serve), measured in
-    benchmarks/predict_throughput.py: every graph optimisation (operator fusion, NCHWc layouts), one intra-op
-    thread per physical core, operators run in sequence (a CNN is a chain: parallel execution only adds
-    scheduling), memory patterns reused between same-shaped runs, no busy-waiting between operators (a spinning
-    pool starves the thread that decodes the next photo). Denormals are NOT flushed to zero: ONNX Runtime's
-    `session.set_denormal_as_zero` sets the flag on the calling thread for good, so every later float operation
-    of the user's process (numpy, Python, hypothesis) would silently lose values below 1e-308 / 1e-38."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = physical_cores()
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.enable_mem_pattern = True
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+        export_onnx_module(network, staging, meta.preprocess.input_size, network.output_names,
+                           model_file_metadata(meta, offset, weights_sha1))
+        session = onnxruntime.InferenceSession(str(staging), session_options(), providers=["CPUExecutionProvider"])
+        if json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) != meta.class_names:
+            raise ExportParityError("class names did not survive the export")
+        (logits,) = session.run(["logits"], {"images": batch.numpy()})
+        difference = check_parity(reference, softmax_numpy(logits / meta.temperature), f"ONNX export of {meta.model_name}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.replace(out)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    return difference
 
 
-# ---------------------------------------------------------------- the command
-
-PARITY_TOLERANCE = 1e-4
-
-
-class ExportParityError(RuntimeError):
-    """The exported model's probabilities differ from PyTorch's by more than the tolerance."""
+def softmax_numpy(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-@dataclass
-class ExportConfig:
-    run: str = option("", "run directory made by `catdog train`")
-    format: str = option("onnx", "file format", choices=("onnx", "torchscript"))
-    out: str = option("", "output file; empty: <run>/model.onnx or <run>/model.torchscript.pt")
-    parity_images: int = option(32, "images in the PyTorch-vs-export parity check")
-
-    def __post_init__(self):
-        if not self.run:
-            raise ValueError("--run is required")
-        if self.format not in ("onnx", "torchscript"):
-            raise ValueError("--format must be onnx or torchscript")
-        if self.parity_images < 1:
-            raise ValueError("--parity-images must be at least 1")
+def random_images(input_size: int, count: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(count, 3, input_size, input_size, generator=generator) * 4 - 2
 
 
-
-
-def parity_batch(run_dir: Path, preprocess, count: int) -> torch.Tensor:
+def parity_batch(run_dir: Path | None, preprocess, count: int) -> torch.Tensor:
     """Real images from the run's validation split when they are still on disk, else seeded random pixels."""
-    import torch
-
-    from catdog.images import ImageLoadError, load_image
-    from catdog.transforms import eval_transform
-
     transform = eval_transform(preprocess)
-    tensors = []
-    split_path = run_dir / "split.json"
-    if split_path.is_file():
+    arrays = []
+    split_path = run_dir / "split.json" if run_dir else None
+    if split_path is not None and split_path.is_file():
         split = json.loads(split_path.read_text())
         for relative in split.get("val", [])[: count * 2]:
             try:
-                tensors.append(transform(load_image(Path(split["root"]) / relative)))
+                arrays.append(transform(load_image(Path(split["root"]) / relative)))
             except ImageLoadError:
                 continue
-            if len(tensors) == count:
+            if len(arrays) == count:
                 break
-    if not tensors:
-        generator = torch.Generator().manual_seed(0)
-        return torch.rand(count, 3, preprocess.input_size, preprocess.input_size, generator=generator) * 4 - 2
-    return torch.stack(tensors)
+    if not arrays:
+        return random_images(preprocess.input_size, count)
+    return torch.from_numpy(np.stack(arrays))
 
 
 def check_parity(reference: np.ndarray, exported: np.ndarray, what: str) -> float:
@@ -146,41 +296,72 @@ def check_parity(reference: np.ndarray, exported: np.ndarray, what: str) -> floa
     return difference
 
 
+def exported_model_file(run: str | None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The model file predict and serve run for `run` (the built-in model when empty): the run's own model.onnx
+    when it matches the run's weights, else an export kept in the cache (`<cache>/models/`), made on first use."""
+    if run:
+        check_not_pickle(run)
+        own = Path(run) / EXPORTED_MODEL_FILE
+        digest = weights_digest(run)
+        name = f"run-{digest[:20]}-catdog{__version__}.onnx"
+        if own.is_file() and load_run_model_file(run) is not None:
+            return own
+    else:
+        digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-torch{torch.__version__}-catdog{__version__}.onnx"
+    path = Path(cache_dir or default_cache_dir()) / "models" / name
+    if not path.is_file():
+        model, meta, digest = load_exportable(run)
+        write_model_file(model, meta, path, digest)
+    return path
+
+
+# ---------------------------------------------------------------- the command
+
+
+@dataclass
+class ExportConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    builtin: bool = option(False, "export the built-in zero-training cat/dog model instead of a run")
+    format: str = option("onnx", "onnx: the deployable file predict and serve run without torch; torchscript: the PyTorch network alone", choices=("onnx", "torchscript"))
+    out: str = option("", "output file; empty: <run>/model.onnx (or model.torchscript.pt), catdog-builtin.onnx for --builtin")
+    parity_images: int = option(32, "images in the PyTorch-vs-export parity check")
+
+    def __post_init__(self):
+        if bool(self.run) == bool(self.builtin):
+            raise ValueError("give --run RUN or --builtin")
+        if self.format not in ("onnx", "torchscript"):
+            raise ValueError("--format must be onnx or torchscript")
+        if self.parity_images < 1:
+            raise ValueError("--parity-images must be at least 1")
+
+
 def run_export(config: ExportConfig, log=print) -> Path:
-    import torch
-
-    from catdog.checkpoint import load_model
-
-    run_dir = Path(config.run)
-    model, meta = load_model(run_dir)
+    run_dir = Path(config.run) if config.run else None
+    model, meta, digest = load_exportable(config.run)
     suffix = ".onnx" if config.format == "onnx" else ".torchscript.pt"
-    out = Path(config.out) if config.out else run_dir / f"model{suffix}"
-    metadata = {"catdog_meta": json.dumps(meta.to_dict()), "class_names": json.dumps(meta.class_names),
-                "preprocess": json.dumps(meta.preprocess.to_dict()), "temperature": str(meta.temperature)}
+    out = Path(config.out) if config.out else (run_dir / f"model{suffix}" if run_dir else Path(f"catdog-builtin{suffix}"))
     batch = parity_batch(run_dir, meta.preprocess, config.parity_images)
+    if config.format == "onnx":
+        difference = write_model_file(model, meta, out, digest, batch)
+    else:
+        difference = write_torchscript(model, meta, out, batch)
+    log(f"exported {out} ({config.format}); parity on {len(batch)} images: max |dp| = {difference:.2e}")
+    return out
+
+
+def write_torchscript(model: nn.Module, meta: RunMeta, out: Path, batch: torch.Tensor) -> float:
+    """The PyTorch network alone (logits), traced, with the metadata as extra files; parity-checked."""
     with torch.inference_mode():
         reference = torch.softmax(model(batch) / meta.temperature, dim=1).numpy()
     staging = out.with_name(f".{out.name}.staging")
     try:
-        if config.format == "onnx":
-            import onnxruntime
-
-            export_onnx_module(model, staging, meta.preprocess.input_size, metadata=metadata)
-            session = onnxruntime.InferenceSession(str(staging), providers=["CPUExecutionProvider"])
-            stored = session.get_modelmeta().custom_metadata_map
-            if json.loads(stored["class_names"]) != meta.class_names:
-                raise ExportParityError("class names did not survive the export")
-            (logits,) = session.run(None, {"images": batch.numpy()})
-        else:
-            traced = torch.jit.trace(model.eval(), batch[:2])
-            torch.jit.save(traced, str(staging), _extra_files=metadata)
-            with torch.inference_mode():
-                logits = torch.jit.load(str(staging)).eval()(batch).numpy()
-        exported = torch.softmax(torch.from_numpy(logits) / meta.temperature, dim=1).numpy()
-        difference = check_parity(reference, exported, f"{config.format} export of {run_dir}")
+        traced = torch.jit.trace(model.eval(), batch[:2])
+        torch.jit.save(traced, str(staging), _extra_files=model_file_metadata(meta, (0.0, 0.0)))
+        with torch.inference_mode():
+            logits = torch.jit.load(str(staging)).eval()(batch).numpy()
+        difference = check_parity(reference, softmax_numpy(logits / meta.temperature), f"torchscript export of {meta.model_name}")
         staging.replace(out)
     finally:
         if staging.exists():
             staging.unlink()
-    log(f"exported {out} ({config.format}); parity on {len(batch)} images: max |dp| = {difference:.2e}")
-    return out
+    return difference

@@ -1,46 +1,57 @@
-"""`catdog predict` and the `Predictor` that evaluate and serve share.
+"""`catdog predict` and the `Predictor` that evaluate, explain and serve share. Runtime layer: never imports torch.
 
-A `Predictor` holds a model, its stored preprocessing, class names and calibration temperature, and one of two
-backends: PyTorch, or ONNX Runtime (about twice as fast on a CPU). `predict_files` decodes images in worker
-processes while the model runs on the previous batch, and reports files that failed instead of stopping.
+A `Predictor` is an exported model file's network (`inference.OnnxNetwork`, or the training layer's PyTorch twin
+`backends.TorchNetwork` on a GPU) with the metadata stored in the file: class names, preprocessing, calibration
+temperature and the mirror-view threshold. The exported ONNX file is the deployable unit: `catdog export` writes
+it, and `catdog predict --model model.onnx` and `catdog serve --model model.onnx` need nothing else, so a machine
+with only `pip install catdog` (no torch) predicts exactly as the run did.
+
+`predict_files` decodes images in a background thread while the network runs on the previous photo, and reports
+files that failed instead of stopping.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
 
-from catdog import __version__
-from catdog.checkpoint import load_model
-from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import DataError, broken_link_problem, describe_left_out, find_image_files
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, load_image
 from catdog.probabilities import softmax
+from catdog.progress import progress_bar
+from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
 
-if TYPE_CHECKING:
-    import torch
-
-# torch, timm and the models are imported only where needed: with a cached ONNX file, `catdog predict` on a CPU
-# runs on ONNX Runtime, NumPy and Pillow alone, and starts in a fraction of the time.
-ZERO_TRAINING_BACKBONE = "efficientnet_lite0"
 ZERO_TRAINING_STRATEGY = "zero-training"
-
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
+
+# What an exported model file carries (ONNX metadata_props): the format name and version, the run's metadata as
+# JSON, where the heatmaps' cells look (see `export.heatmap_offset`), and the digest of the weights it was
+# exported from (so a run's model.onnx is used only while it matches the run's model.safetensors).
+MODEL_FORMAT = "catdog-model/1"
+EXPORTED_MODEL_FILE = "model.onnx"
+
+
+class Network(Protocol):
+    """What a predictor runs: ONNX Runtime (`inference.OnnxNetwork`) or PyTorch (`backends.TorchNetwork`)."""
+
+    backend: str
+    outputs: tuple[str, ...]
+
+    def run(self, images: np.ndarray, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -52,27 +63,23 @@ class PredictionOutcome:
 
 
 class Predictor:
-    """A model ready to classify: `build_model` is called at once for the PyTorch backend, and for ONNX Runtime
-    only when the model's ONNX file is not cached yet (so a warm start never imports timm or torchvision)."""
+    """A network ready to classify photos as its run was validated: preprocessing, temperature, mirror view."""
 
-    def __init__(self, build_model: Callable[[], torch.nn.Module], meta: RunMeta, backend: str, device: str = "cpu",
-                 cache_dir: Path | None = None, onnx_key: str = ""):
+    def __init__(self, network: Network, meta: RunMeta, heatmap_offset: tuple[float, float] = (0.0, 0.0),
+                 source: str = "", device: str = "cpu"):
+        self.network = network
         self.meta = meta
         self.class_names = list(meta.class_names)
         self.preprocess = meta.preprocess
         self.temperature = meta.temperature
-        self.device = str(device)
-        self.build_model = build_model  # also builds a PyTorch twin for Grad-CAM (`explain.explainer_for`)
         self.transform = eval_transform(meta.preprocess)
-        self.backend = backend if backend != "auto" else ("onnxruntime" if self.device == "cpu" else "torch")
-        self.session = None
-        self.model = None
-        if self.backend == "onnxruntime":
-            self.session = self._onnx_session(build_model, cache_dir, onnx_key)
-        else:
-            import torch
+        self.heatmap_offset = heatmap_offset  # (rows, columns) in input pixels; see `export.heatmap_offset`
+        self.source = source  # the model file (or run) it came from, for messages
+        self.device = device
 
-            self.model = build_model().eval().to(self.device, memory_format=torch.channels_last)
+    @property
+    def backend(self) -> str:
+        return self.network.backend
 
     @property
     def model_name(self) -> str:
@@ -82,78 +89,61 @@ class Predictor:
     def is_zero_training(self) -> bool:
         return self.meta.strategy == ZERO_TRAINING_STRATEGY
 
+    @property
+    def has_heatmaps(self) -> bool:
+        return "class_maps" in self.network.outputs
+
     def describe(self) -> str:
         if self.is_zero_training:
             return "the built-in zero-training cat/dog model (ImageNet EfficientNet-Lite0, cat and dog classes summed)"
         return f"{self.meta.model_name} ({', '.join(self.class_names)}) via {self.backend}"
 
-    def _onnx_session(self, build_model: Callable[[], torch.nn.Module], cache_dir: Path | None, key: str):
-        import onnxruntime
-
-        from catdog.export import export_onnx_module, prediction_session_options
-        from catdog.files import default_cache_dir
-
-        path = (cache_dir or default_cache_dir()) / "onnx" / f"predictor-{key}.onnx"
-        if not path.is_file():
-            export_onnx_module(build_model().eval().cpu(), path, self.preprocess.input_size)
-        return onnxruntime.InferenceSession(str(path), prediction_session_options(), providers=["CPUExecutionProvider"])
-
-    def logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+    def logits(self, images: np.ndarray) -> np.ndarray:
         """Raw model outputs [N, classes] for a preprocessed batch [N, 3, S, S]."""
-        if self.session is not None:
-            (output,) = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
-            return output
-        import torch
+        return self.network.run(images, ("logits",))["logits"]
 
-        device_type = torch.device(self.device).type
-        with torch.inference_mode():
-            images = torch.as_tensor(np.ascontiguousarray(images)).to(self.device, non_blocking=True,
-                                                                      memory_format=torch.channels_last)
-            with torch.autocast(device_type, dtype=torch.float16, enabled=device_type == "cuda"):
-                return self.model(images).float().cpu().numpy()
+    def uses_mirror_view(self, first_view_probabilities: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Which photos (a boolean per row) also get their mirror image. tta=True: all; False: none; None (the
+        default): as the run was validated: none without mirror averaging; with it, the photos whose first-view
+        confidence is below the run's threshold (`meta.mirror_below`, chosen on the validation split so that this
+        keeps the accuracy and log loss of averaging every photo at about half the cost), or all without one."""
+        count = len(first_view_probabilities)
+        if tta is not None:
+            return np.full(count, bool(tta))
+        if not self.meta.tta:
+            return np.zeros(count, dtype=bool)
+        if self.meta.mirror_below is None:
+            return np.ones(count, dtype=bool)
+        return first_view_probabilities.max(axis=1) < self.meta.mirror_below
 
-    def probabilities(self, images: np.ndarray | torch.Tensor, tta: bool | None = None) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S].
-
-        tta=True averages every image's logits with its mirror image's, False never does. None (the default) does
-        as the run was validated: when the run was validated with mirror averaging and stores a threshold
-        (`meta.mirror_below`), only photos whose first-view confidence is below it get the mirror view; the
-        threshold was chosen on the validation split so that this keeps the accuracy and log loss of averaging
-        every photo, at about half the cost, since most photos are certain from the first view."""
-        images = images if isinstance(images, np.ndarray) else images.numpy()  # a torch tensor from serve or a test
+    def probabilities(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S] (see `uses_mirror_view`)."""
         logits = self.logits(images)
-        if not (self.meta.tta if tta is None else tta) or not len(logits):
-            return softmax(logits / self.temperature)
-        unsure = np.arange(len(logits))
-        if tta is None and self.meta.mirror_below is not None:
-            unsure = np.flatnonzero(softmax(logits / self.temperature).max(axis=1) < self.meta.mirror_below)
-        if len(unsure):
-            logits[unsure] = (logits[unsure] + self.logits(images[unsure][..., ::-1])) / 2
+        probabilities = softmax(logits / self.temperature)
+        mirrored = np.flatnonzero(self.uses_mirror_view(probabilities, tta)) if len(logits) else []
+        if not len(mirrored):
+            return probabilities
+        logits[mirrored] = (logits[mirrored] + self.logits(images[mirrored][..., ::-1])) / 2
         return softmax(logits / self.temperature)
 
     def predict_pil(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
-        return self.probabilities(np.stack([self.transform.array(image) for image in images]), tta)
+        return self.probabilities(np.stack([self.transform(image) for image in images]), tta)
 
     def default_batch_size(self) -> int:
         # ONNX Runtime on a CPU is fastest one photo at a time: a batch of EfficientNet activations at 300 px
         # outgrows the CPU caches (measured: 64 photos per batch cost about 3x more per photo than 1).
-        return 1 if self.session is not None else 64
+        return 1 if self.backend == "onnxruntime" and self.device == "cpu" else 64
 
-    def predict_files(self, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None, num_workers: int = -1,
+    def predict_files(self, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
                       progress: Callable[[int], None] | None = None) -> PredictionOutcome:
         """Probabilities for every readable file in `paths`; unreadable ones are reported in `errors`.
-        batch_size 0: the backend's best. ONNX Runtime on a CPU decodes in a thread, overlapped with the model
-        (both release the GIL); PyTorch decodes in `num_workers` processes (-1: automatic)."""
+        batch_size 0: the backend's best. Decoding runs in a thread, overlapped with the network."""
         started = time.perf_counter()
         batch_size = batch_size or self.default_batch_size()
-        if self.session is not None:
-            batches = decoded_batches(paths, self.transform, self.preprocess.resize_size, batch_size)
-        else:
-            batches = self._loader_batches(paths, batch_size, num_workers)
         indices: list[int] = []
         chunks: list[np.ndarray] = []
         errors: list[ImageLoadError] = []
-        for images, batch_indices, batch_errors in batches:
+        for images, batch_indices, batch_errors in decoded_batches(paths, self.transform, self.preprocess.resize_size, batch_size):
             errors.extend(batch_errors)
             if len(batch_indices):
                 chunks.append(self.probabilities(images, tta))
@@ -163,44 +153,63 @@ class Predictor:
         probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)))
         return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started)
 
-    def _loader_batches(self, paths: Sequence[Path], batch_size: int, num_workers: int):
-        from torch.utils.data import DataLoader
 
-        from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
-
-        if num_workers < 0:
-            num_workers = 1 if len(paths) > batch_size else 0  # one decoder process overlaps with the model
-        dataset = ImageFileDataset(paths, None, self.transform, draft_size=self.preprocess.resize_size)
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=collate_skipping_bad_images, pin_memory=self.device.startswith("cuda"),
-                            prefetch_factor=4 if num_workers else None)
-        for batch in loader:
-            yield batch.images.numpy() if len(batch.indices) else None, batch.indices.tolist(), batch.errors
+# ---------------------------------------------------------------- exported model files
 
 
-def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
-                               num_workers: int = -1, progress: Callable[[int], None] | None = None) -> PredictionOutcome:
-    """`Predictor.predict_files` shared by the ranks of a torchrun launch: each rank predicts a disjoint share of
-    `paths` and every rank gets the whole outcome, in the order of `paths`, as one process would have it."""
-    from catdog.distributed import all_gather_objects, shard_indices, world_size
+def model_file_metadata(metadata: dict[str, str], path: str | os.PathLike) -> tuple[RunMeta, tuple[float, float]]:
+    """The run metadata and heatmap offset stored in an exported file; RunError naming the file when it is not one."""
+    if metadata.get("catdog_format") != MODEL_FORMAT:
+        found = metadata.get("catdog_format") or ("an older catdog export" if "catdog_meta" in metadata else "no catdog metadata")
+        raise RunError(f"{path}: not a catdog {MODEL_FORMAT} model file ({found}); export it again with "
+                       "`catdog export --run RUN --out model.onnx` (needs catdog[train])")
+    try:
+        meta = RunMeta.from_dict(json.loads(metadata["catdog_meta"]))
+        offset = tuple(float(v) for v in json.loads(metadata.get("heatmap_offset", "[0, 0]")))
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunError(f"{path}: unreadable catdog metadata ({error})") from error
+    return meta, (offset[0], offset[1])
 
-    positions = shard_indices(len(paths))
-    mine = predictor.predict_files([paths[i] for i in positions], batch_size, tta, num_workers, progress)
-    if world_size() == 1:
-        return mine
-    indices: list[int] = []
-    chunks: list[np.ndarray] = []
-    errors: list[ImageLoadError] = []
-    shares = all_gather_objects((positions, mine))
-    for share_positions, outcome in shares:
-        indices.extend(share_positions[i] for i in outcome.indices)
-        chunks.append(outcome.probabilities)
-        errors.extend(outcome.errors)
-    order = np.argsort(indices, kind="stable")
-    position_of = {str(path): i for i, path in enumerate(paths)}
-    errors.sort(key=lambda error: position_of.get(error.path, len(paths)))
-    return PredictionOutcome([indices[i] for i in order], np.concatenate(chunks)[order], errors,
-                             max(outcome.seconds for _, outcome in shares))
+
+def load_model_file(path: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> Predictor:
+    """A predictor of an exported ONNX file (`catdog export`), on ONNX Runtime."""
+    from catdog.inference import OnnxNetwork
+
+    check_not_pickle(path)
+    path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path}: expected an exported model file (model.onnx); for a run directory use --run")
+    if not path.is_file():
+        raise RunError(f"{path}: model file not found")
+    try:
+        network = OnnxNetwork(path, threads, device)
+    except Exception as error:  # onnxruntime raises its own error types for files it cannot read
+        raise RunError(f"{path}: not a readable ONNX model ({str(error).splitlines()[0][:200]})") from error
+    meta, offset = model_file_metadata(network.metadata, path)
+    return Predictor(network, meta, offset, str(path), network.device)
+
+
+def weights_digest(run: str | os.PathLike) -> str:
+    """The SHA-1 of a run's weights file: an export records it, so a stale model.onnx is never used."""
+    path = Path(run) / MODEL_FILE
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise RunError(f"{path}: cannot read the weights ({error})") from error
+
+
+def load_run_model_file(run: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> Predictor | None:
+    """The predictor of a run's own exported file (`<run>/model.onnx`, written by `catdog export --run RUN`) when
+    it was exported from the run's current weights; None when there is none or it is stale."""
+    check_not_pickle(run)
+    path = Path(run) / EXPORTED_MODEL_FILE
+    if not path.is_file():
+        return None
+    predictor = load_model_file(path, threads, device)
+    recorded = predictor.network.metadata.get("weights_sha1")
+    if (Path(run) / MODEL_FILE).is_file() and recorded != weights_digest(run):
+        return None
+    return predictor
 
 
 def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, ahead: int = 16):
@@ -213,7 +222,7 @@ def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_siz
 
     def decode(index: int):
         try:
-            return transform.array(load_image(paths[index], draft_size=draft_size))
+            return transform(load_image(paths[index], draft_size=draft_size))
         except ImageLoadError as error:
             return error
 
@@ -236,72 +245,30 @@ def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_siz
                 images, indices, errors = [], [], []
 
 
-def resolve_device(name: str, backend: str = "auto") -> str:
-    """The device as text ("cpu", "cuda:0"). torch is imported to ask only when the answer can depend on it: on a
-    Linux machine without a GPU driver there is no CUDA device, and prediction through ONNX Runtime then starts
-    without importing torch at all (about 2 s of a `catdog predict` on a 2-core CPU)."""
-    if name == "cpu" or backend == "onnxruntime" or (name == "auto" and not gpu_driver_present()):
-        return "cpu"
-    from catdog.train import resolve_device as resolve
-
-    return str(resolve(name))
-
-
-def gpu_driver_present() -> bool:
-    """False only when surely no CUDA/ROCm device exists: Linux with no NVIDIA, AMD or WSL GPU driver."""
-    if not sys.platform.startswith("linux"):
-        return True
-    return any(Path(path).exists() for path in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
-
-
-def torch_version() -> str:
-    """torch's version for the ONNX cache key, read without importing torch (its package metadata)."""
-    from importlib.metadata import version
-
-    return version("torch")
-
-
-def load_predictor(run: str | None, backend: str = "auto", device: str = "auto", cache_dir: Path | None = None) -> Predictor:
-    """A run's model, or the built-in zero-training cat/dog model when `run` is empty."""
-    device = resolve_device(device, backend)
-    if not run:
-        from catdog.models import MODEL_SPECS, ZERO_TRAINING_MODEL_NAME, create_zero_training_model
-
-        preprocess = MODEL_SPECS[ZERO_TRAINING_BACKBONE].preprocess
-        meta = RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, ZERO_TRAINING_STRATEGY)
-        return Predictor(lambda: create_zero_training_model(ZERO_TRAINING_BACKBONE)[0], meta, backend, device,
-                         cache_dir, onnx_key=f"{ZERO_TRAINING_MODEL_NAME}-{ZERO_TRAINING_BACKBONE}-torch{torch_version()}-{__version__}")
-    check_not_pickle(run)
-    meta = read_meta(run)
-    try:
-        digest = hashlib.sha1((Path(run) / MODEL_FILE).read_bytes()).hexdigest()[:16]
-    except OSError as error:
-        raise RunError(f"{Path(run) / MODEL_FILE}: cannot read the weights ({error})") from error
-    return Predictor(lambda: load_model(run)[0], meta, backend, device, cache_dir,
-                     onnx_key=f"{meta.model_name}-{digest}-torch{torch_version()}-{__version__}")
-
-
 # ---------------------------------------------------------------- the command
 
 
 @dataclass
 class PredictConfig:
     paths: list[str] = option([], "image files and/or folders (searched recursively)")
-    run: str = option("", "run directory; empty: the built-in zero-training cat/dog model")
+    model: str = option("", "exported model file (model.onnx from `catdog export`): all that prediction needs", metavar="FILE")
+    run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither --model nor --run: the built-in zero-training cat/dog model")
     output: str = option("predictions.csv", "CSV of path,label,confidence,prob_<class>...; -: standard output (messages go to standard error)")
     submission: str = option("", "also write a Kaggle submission CSV (id,label = probability of dog)")
     errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv (none with --output -)")
     clip: float = option(0.005, "submission: clip probabilities to [clip, 1 - clip] (bounds the log-loss penalty)")
     tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
-    backend: str = option("auto", "auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
-    batch_size: int = option(0, "images per inference batch; 0: the backend's best (1 for ONNX Runtime on a CPU, 64 for PyTorch)")
-    num_workers: int = option(-1, "decoding worker processes; -1: automatic")
+    backend: str = option("auto", "auto (ONNX Runtime; PyTorch on a CUDA machine with catdog[train]), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
+    batch_size: int = option(0, "images per inference batch; 0: the backend's best (1 for ONNX Runtime on a CPU, 64 otherwise)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         if not self.paths:
             raise ValueError("give at least one image file or folder")
+        if self.model and self.run:
+            raise ValueError("give --model or --run, not both")
         if not 0.0 <= self.clip < 0.5:
             raise ValueError("--clip must be in [0, 0.5)")
         if self.batch_size < 0:
@@ -333,58 +300,48 @@ def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[tuple[str
     return paths, left_out
 
 
+def collect_or_fail(arguments: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """`collect_inputs`, refusing (DataError) when no file at all is left to predict."""
+    paths, left_out = collect_inputs(arguments)
+    if not paths:
+        summary = describe_left_out(left_out)
+        raise DataError(f"no images to predict in {', '.join(arguments)}" + (f"; {summary}" if summary else ""))
+    return paths, left_out
+
+
 def kaggle_id(path: Path) -> str:
     numbers = re.findall(r"\d+", path.stem)
     return numbers[-1] if numbers else path.stem
 
 
-def run_predict(config: PredictConfig, log: Callable[[str], None] | None = None) -> int:
-    """Predict every readable file; return the process exit code (0, or EXIT_SOME_FILES_FAILED).
-    With `--output -` the CSV goes to standard output and every message to standard error. Under torchrun the
-    ranks predict disjoint shares of the files and rank 0 writes what one process would have written."""
+def message_log(config: PredictConfig) -> Callable[[str], None]:
+    """Messages go to standard output, or to standard error when the CSV does (`--output -`)."""
+    stream = sys.stderr if config.output == "-" else sys.stdout
+    return lambda message: print(message, file=stream)
+
+
+def run_predict(config: PredictConfig, predictor: Predictor, log: Callable[[str], None] | None = None) -> int:
+    """Predict every readable file with `predictor`; return the process exit code (0, or EXIT_SOME_FILES_FAILED).
+    With `--output -` the CSV goes to standard output and every message to standard error. (Under torchrun the
+    training layer's `backends.run_predict_across_ranks` shares the files among the processes instead.)"""
+    log = log or message_log(config)
+    paths, left_out = collect_or_fail(config.paths)
+    log(f"predicting {len(paths)} images with {predictor.describe()}")
+    with progress_bar(config.progress, len(paths), "predict", leave=True) as bar:
+        outcome = predictor.predict_files(paths, config.batch_size, config.tta, bar.update)
+    return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log)
+
+
+def write_prediction_outputs(config: PredictConfig, paths: Sequence[Path], left_out: list[tuple[str, str]],
+                             class_names: list[str], outcome: PredictionOutcome, log: Callable[[str], None]) -> int:
+    """The CSV, the terminal lines, the submission and the errors file; return the exit code."""
     to_stdout = config.output == "-"
-    if log is None:
-        stream = sys.stderr if to_stdout else sys.stdout
-        log = lambda message: print(message, file=stream)  # noqa: E731
-    if config.run:
-        check_not_pickle(config.run)  # the more fundamental mistake is named first
-    paths, left_out = collect_inputs(config.paths)
-    if not paths:
-        summary = describe_left_out(left_out)
-        raise DataError(f"no images to predict in {', '.join(config.paths)}" + (f"; {summary}" if summary else ""))
-    processes = launched_processes()
-    if processes > 1:  # under torchrun: join the ranks sharing the files
-        import torch
-
-        from catdog.distributed import init_from_environment, main_process_first
-
-        device = init_from_environment(torch.device(resolve_device(config.device, config.backend)))
-        with main_process_first():  # rank 0 exports the ONNX file once; the others then find it in the cache
-            predictor = load_predictor(config.run, config.backend, str(device))
-    else:  # one process: no torch.distributed, so that ONNX Runtime prediction never imports torch
-        predictor = load_predictor(config.run, config.backend, config.device)
-    main_process = processes == 1 or is_main_rank()
-    if main_process:
-        log(f"predicting {len(paths)} images with {predictor.describe()}"
-            + (f" in {processes} processes" if processes > 1 else ""))
-    from tqdm.auto import tqdm
-
-    share = len(range(rank_of_process(), len(paths), processes))
-    with tqdm(total=share, unit="img", disable=not config.progress or not main_process, dynamic_ncols=True,
-              file=sys.stderr) as bar:
-        if processes > 1:
-            outcome = predict_files_across_ranks(predictor, paths, config.batch_size, config.tta, config.num_workers, bar.update)
-        else:
-            outcome = predictor.predict_files(paths, config.batch_size, config.tta, config.num_workers, bar.update)
-    if not main_process:
-        return 0  # rank 0 writes the CSVs and reports
-    names = predictor.class_names
-    header, rows = prediction_rows(paths, outcome, names)
+    header, rows = prediction_rows(paths, outcome, class_names)
     write_predictions(config.output, header, rows)
     if not to_stdout and len(paths) <= PRINT_EACH_FILE_UP_TO:
         print_predictions(rows)
     if config.submission:
-        write_submission(config.submission, [paths[i] for i in outcome.indices], outcome.probabilities, names, config.clip)
+        write_submission(config.submission, [paths[i] for i in outcome.indices], outcome.probabilities, class_names, config.clip)
     failures = [(e.path, e.reason, e.detail) for e in outcome.errors] + [
         (path, why, "") for path, why in left_out if why not in QUIET_REASONS]
     errors_path = config.errors or ("" if to_stdout else str(Path(config.output).with_suffix("")) + ".errors.csv")
@@ -401,19 +358,17 @@ def run_predict(config: PredictConfig, log: Callable[[str], None] | None = None)
 
 
 def launched_processes() -> int:
-    """How many processes torchrun started for this command (WORLD_SIZE; 1 without torchrun). Read from the
-    environment as `catdog.distributed` does, so that a single process never imports torch.distributed."""
+    """How many processes torchrun started for this command (WORLD_SIZE; 1 without torchrun), read from the
+    environment so that a single process never imports torch.distributed."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank_of_process() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_rank() -> bool:
-    from catdog.distributed import is_main_process
-
-    return is_main_process()
+def gpu_driver_present() -> bool:
+    """False only when surely no CUDA/ROCm device exists: Linux with no NVIDIA, AMD or WSL GPU driver. Lets
+    `--backend auto` stay on ONNX Runtime without importing torch to ask."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(path).exists() for path in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
 
 
 def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_names: list[str]) -> tuple[list[str], list[list[str]]]:

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from catdog.runs import RunMeta, check_not_pickle, read_meta
+from catdog.backends import load_run_predictor
 from catdog.config import option
+from catdog.explain import explain_photo
 from catdog.files import write_text_atomic
 from catdog.images import ImageLoadError, load_image
 
@@ -382,12 +384,10 @@ def samples_section(scored: Scored, class_names: list[str], count: int, seed: in
 
 def mistakes_section(scored: Scored, class_names: list[str], count: int, run_dir: Path, device: str) -> str:
     from catdog.evaluate import most_confident_mistakes
-    from catdog.explain import load_explainer
-
     mistakes = most_confident_mistakes(scored.labels, scored.probabilities, count)
     if not len(mistakes):
         return "<p>No photo was misclassified.</p>"
-    explainer = load_explainer(str(run_dir), device)
+    predictor = load_run_predictor(str(run_dir), "auto", device)
     cards = []
     for index in mistakes:
         probabilities = scored.probabilities[index]
@@ -395,7 +395,7 @@ def mistakes_section(scored: Scored, class_names: list[str], count: int, run_dir
         caption = (f"true {escape(class_names[scored.labels[index]])}, predicted {escape(class_names[guess])}<br>"
                    + probability_text(probabilities, class_names))
         try:
-            overlay = explainer.explain(load_image(scored.paths[index])).overlay_png(max_side=THUMBNAIL_SIDE + 40)
+            overlay = explain_photo(predictor, load_image(scored.paths[index])).overlay_png(max_side=THUMBNAIL_SIDE + 40)
             uri = data_uri(overlay, "image/png")
         except ImageLoadError:
             uri = None

@@ -13,25 +13,25 @@ import json
 import logging
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import numpy as np
+
 import catdog
 from catdog.config import option
 from catdog.images import DEFAULT_MAX_PIXELS
+from catdog.predict import Predictor, load_model_file
+from catdog.serve import routes_explain, routes_health, routes_predict
 from catdog.serve.access import API_KEY_ENVIRONMENT_VARIABLE, AccessMiddleware, document_api_key, is_loopback
+from catdog.serve.batching import MicroBatcher
 from catdog.serve.observability import ServiceMetrics
 from catdog.serve.schemas import error_response
-
-if TYPE_CHECKING:
-    from catdog.serve.batching import MicroBatcher
 
 logger = logging.getLogger("catdog.serve")
 # `--workers N` starts N processes that each build the app from this variable (the config as JSON).
@@ -40,11 +40,12 @@ CONFIG_ENVIRONMENT_VARIABLE = "CATDOG_SERVE_CONFIG"
 
 @dataclass
 class ServeConfig:
-    run: str = option("", "run directory; empty: the built-in zero-training cat/dog model")
+    model: str = option("", "exported model file (model.onnx from `catdog export`): all that serving needs", metavar="FILE")
+    run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither --model nor --run: the built-in zero-training cat/dog model")
+    cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(8000, "port")
-    backend: str = option("auto", "auto (ONNX Runtime on CPU, PyTorch on CUDA), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = option("auto", "ONNX Runtime's device: auto (CUDA when this ONNX Runtime has it, else the CPU), cpu or cuda")
     max_batch_size: int = option(16, "most images in one inference batch")
     max_wait_ms: float = option(10.0, "longest wait for more images before running a batch")
     max_queue: int = option(128, "images waiting for inference before new requests get 503")
@@ -60,6 +61,8 @@ class ServeConfig:
                               f"the page; default: ${API_KEY_ENVIRONMENT_VARIABLE} (safer: not shown by ps)")
 
     def __post_init__(self):
+        if self.model and self.run:
+            raise ValueError("give --model or --run, not both")
         if not 0 < self.port < 65536:
             raise ValueError("--port must be in 1..65535")
         if self.max_batch_size < 1 or self.max_queue < 1 or self.max_batch_files < 1 or self.decode_threads < 1:
@@ -79,7 +82,7 @@ class ServeConfig:
 
     @property
     def inference_threads(self) -> int | None:
-        """Threads for one worker's model; None leaves torch's default (all cores) for a single worker."""
+        """Threads for one worker's model; None: one per physical core (`inference.session_options`)."""
         if self.threads:
             return self.threads
         if self.workers == 1:
@@ -92,34 +95,25 @@ class ServiceState:
     """What the routes need, created in the lifespan and kept on `app.state.service`."""
 
     config: ServeConfig
-    predictor: object
+    predictor: Predictor
     batcher: MicroBatcher
     decoder: ThreadPoolExecutor
     metrics: ServiceMetrics
     ready: bool = False
-    explainer: object = None  # Grad-CAM model for /explain, built on its first request (routes_explain)
-    explain_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # one explanation at a time
 
 
-def create_app(config: ServeConfig, predictor=None) -> FastAPI:
-    """The app. `predictor` may be given (tests); otherwise it is loaded from `config.run` in the lifespan."""
-    # torch and the model code are imported here, not at the top: with --workers the supervisor process imports
-    # this module too, and never needs them (about 300 MB less).
-    import torch
-
-    from catdog.predict import load_predictor
-    from catdog.serve import routes_explain, routes_health, routes_predict
-    from catdog.serve.batching import MicroBatcher
-
+def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
+    """The app. `predictor` may be given (tests, the Python API); otherwise the lifespan loads `config.model`, an
+    exported file (the command line exports a run or the built-in model first: `model_files.model_file_for`)."""
+    if predictor is None and not config.model:
+        raise ValueError("serve needs an exported model file: --model FILE (`catdog export` writes one)")
     metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if config.inference_threads:
-            torch.set_num_threads(config.inference_threads)  # ONNX Runtime's session takes the same count
-        loaded = predictor or await asyncio.to_thread(load_predictor, config.run, config.backend, config.device)
+        loaded = predictor or await asyncio.to_thread(load_model_file, config.model, config.inference_threads, config.device)
 
-        def predict_batch(images: torch.Tensor):
+        def predict_batch(images: np.ndarray):
             return loaded.probabilities(images, tta=config.tta)
 
         batcher = MicroBatcher(predict_batch, config.max_batch_size, config.max_wait_ms, config.max_queue, metrics)
@@ -127,7 +121,7 @@ def create_app(config: ServeConfig, predictor=None) -> FastAPI:
         app.state.service = state
         batcher.start()
         size = loaded.preprocess.input_size
-        await batcher.submit(torch.zeros(3, size, size))  # warm-up: first-call allocations happen before /ready
+        await batcher.submit(np.zeros((3, size, size), dtype=np.float32))  # warm-up: first-call allocations happen before /ready
         state.ready = True
         logger.info("catdog serve ready: %s", loaded.describe())
         yield
@@ -216,11 +210,11 @@ def run_server(config: ServeConfig) -> None:
     warning = exposure_warning(config)
     if warning:
         print(warning, file=sys.stderr)
-    print(f"catdog serve on http://{config.host}:{config.port}/ (model: {config.run or 'built-in zero-training cat/dog model'}"
+    print(f"catdog serve on http://{config.host}:{config.port}/ (model: {config.model}"
           f"{f', {config.workers} workers' if config.workers > 1 else ''}{', API key required' if config.api_key else ''})")
     if config.workers > 1:
-        # The command line has imported torch and every command's module (~500 MB) that the supervisor never
-        # uses: replace this process (same pid, so signals still reach it) by a lean one running `supervise_workers`.
+        # The supervisor never loads a model: replace this process (same pid, so signals still reach it) by a lean
+        # one running `supervise_workers` (the command line may have imported torch to export the model file).
         os.environ[CONFIG_ENVIRONMENT_VARIABLE] = json.dumps(dataclasses.asdict(config))
         sys.stdout.flush()
         sys.stderr.flush()

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
-import torch
 
 from catdog.serve.observability import ServiceMetrics
 
@@ -24,7 +23,7 @@ class Overloaded(Exception):
 
 
 class MicroBatcher:
-    def __init__(self, predict_batch: Callable[[torch.Tensor], np.ndarray], max_batch_size: int, max_wait_ms: float,
+    def __init__(self, predict_batch: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_wait_ms: float,
                  max_queue: int, metrics: ServiceMetrics):
         self.predict_batch = predict_batch
         self.max_batch_size = max_batch_size
@@ -50,7 +49,7 @@ class MicroBatcher:
                 future.set_exception(Overloaded("server is shutting down"))
         self.executor.shutdown(wait=True)
 
-    async def submit(self, image: torch.Tensor) -> np.ndarray:
+    async def submit(self, image: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((image, future))
@@ -78,7 +77,7 @@ class MicroBatcher:
                 continue
             self.metrics.batch_size.observe(len(live))
             try:
-                batch = torch.stack([image for image, _ in live])
+                batch = np.stack([image for image, _ in live])
                 probabilities = await loop.run_in_executor(self.executor, self.predict_batch, batch)
             except Exception as error:  # surfaced to each waiting request, never kills the worker
                 for _, future in live:

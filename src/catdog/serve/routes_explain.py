@@ -1,8 +1,8 @@
 """`POST /explain`: the prediction for one image plus the Grad-CAM overlay of the predicted class (catdog.explain).
 
 It takes the same uploads as /predict and answers bad ones the same way (the upload helpers are routes_predict's).
-Grad-CAM needs gradients, so it runs a PyTorch twin of the served model, built on the first request, outside the
-micro-batcher and one explanation at a time (Captum's hooks live on that one model).
+The heatmaps come from the exported file itself (its "class_maps" output), so it runs on the served session,
+outside the micro-batcher; a file without heatmaps answers 501.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import time
 
 from fastapi import APIRouter, Request
 
+from catdog.explain import explain_photo
+
 from catdog.serve.routes_predict import (
     MULTIPART_OVERHEAD,
     UPLOAD_DOC,
@@ -22,23 +24,13 @@ from catdog.serve.routes_predict import (
     problem_response,
     uploaded_files,
 )
-from catdog.serve.schemas import PREDICT_ERROR_RESPONSES, Explanation, error_response
+from catdog.serve.schemas import PREDICT_ERROR_RESPONSES, ErrorBody, Explanation, error_response
 
 router = APIRouter()
 
 
-def explain_photo(service, photo):
-    """Grad-CAM of the predicted class, one at a time (the service's lock)."""
-    from catdog.explain import explainer_for
-
-    with service.explain_lock:
-        if service.explainer is None:
-            service.explainer = explainer_for(service.predictor)
-        return service.explainer.explain(photo, service.config.tta)
-
-
 @router.post("/explain", openapi_extra=UPLOAD_DOC, tags=["prediction"], response_model=Explanation,
-             responses=PREDICT_ERROR_RESPONSES)
+             responses={**PREDICT_ERROR_RESPONSES, 501: {"model": ErrorBody, "description": "the served model file has no heatmaps"}})
 async def explain(request: Request):
     """Classify one image (multipart field `file`, or the raw image as the body) and return the Grad-CAM heatmap of
     the predicted class over it, as a base64 PNG."""
@@ -55,7 +47,9 @@ async def explain(request: Request):
         loop = asyncio.get_running_loop()
         photo = await loop.run_in_executor(service.decoder, decode_image, service, name, data, True)  # overlay: full size
         decoded = time.perf_counter()
-        explanation = await asyncio.to_thread(explain_photo, service, photo)
+        if not service.predictor.has_heatmaps:
+            return error_response(501, "no heatmaps", f"{service.predictor.source}: this model file has no class_maps output")
+        explanation = await asyncio.to_thread(explain_photo, service.predictor, photo, service.config.tta)
         overlay = await loop.run_in_executor(service.decoder, explanation.overlay_png)
     except RequestProblem as problem:
         return problem_response(problem)

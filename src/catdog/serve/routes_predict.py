@@ -77,7 +77,7 @@ async def uploaded_files(request: Request, field_names: tuple[str, ...], body_li
 
 
 def decode(service, name: str, data: bytes):
-    """The upload as the model's input tensor."""
+    """The upload as the model's input array."""
     return service.predictor.transform(decode_image(service, name, data))
 
 
@@ -132,7 +132,9 @@ def not_ready(service) -> JSONResponse | None:
 
 # The routes read the body themselves (to refuse oversized uploads before reading them whole), so the request
 # bodies are documented here rather than derived from parameters.
-IMAGE_FILE = {"type": "string", "format": "binary", "description": "a JPEG, PNG, WebP, BMP, GIF or TIFF image"}
+# An image file is never empty: the schema says so (minLength 1), so that a client generated from it, or a fuzzer
+# such as schemathesis, knows that an empty upload is refused (422) rather than a valid request.
+IMAGE_FILE = {"type": "string", "format": "binary", "minLength": 1, "description": "a JPEG, PNG, WebP, BMP, GIF or TIFF image (not empty)"}
 UPLOAD_DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {"file": IMAGE_FILE}, "required": ["file"]}},
     "image/jpeg": {"schema": IMAGE_FILE},
