@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import catdog.data
-import catdog.train_finetune
+import catdog.datasets
+import catdog.training.finetune
 from catdog.cli import main
 
 parser = argparse.ArgumentParser()
@@ -46,7 +46,7 @@ def record(**values) -> None:
 
 record(pid=os.getpid())
 
-original_getitem = catdog.data.ImageFileDataset.__getitem__
+original_getitem = catdog.datasets.ImageFileDataset.__getitem__
 
 
 def recording_getitem(self, index):
@@ -54,7 +54,7 @@ def recording_getitem(self, index):
     return original_getitem(self, index)
 
 
-catdog.data.ImageFileDataset.__getitem__ = recording_getitem
+catdog.datasets.ImageFileDataset.__getitem__ = recording_getitem
 
 original_set_epoch = torch.utils.data.DistributedSampler.set_epoch
 
@@ -76,7 +76,7 @@ def recording_replace(source, destination, **keywords):
 
 os.replace = recording_replace
 
-original_train_one_epoch = catdog.train_finetune.train_one_epoch
+original_train_one_epoch = catdog.training.finetune.train_one_epoch
 
 
 def recording_train_one_epoch(model, *positional, **keywords):
@@ -88,9 +88,9 @@ def recording_train_one_epoch(model, *positional, **keywords):
     return result
 
 
-catdog.train_finetune.train_one_epoch = recording_train_one_epoch
+catdog.training.finetune.train_one_epoch = recording_train_one_epoch
 
-original_save_training_state = catdog.train_finetune.save_training_state
+original_save_training_state = catdog.training.finetune.save_training_state
 
 
 def save_training_state_then_maybe_die(path, state):
@@ -99,9 +99,9 @@ def save_training_state_then_maybe_die(path, state):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-catdog.train_finetune.save_training_state = save_training_state_then_maybe_die
+catdog.training.finetune.save_training_state = save_training_state_then_maybe_die
 
-original_load_model = catdog.train_finetune.load_model
+original_load_model = catdog.training.finetune.load_model
 
 
 def load_model_for_the_final_pass(*positional, **keywords):
@@ -109,6 +109,6 @@ def load_model_for_the_final_pass(*positional, **keywords):
     return original_load_model(*positional, **keywords)
 
 
-catdog.train_finetune.load_model = load_model_for_the_final_pass
+catdog.training.finetune.load_model = load_model_for_the_final_pass
 
 sys.exit(main(arguments))

@@ -77,8 +77,12 @@ def test_plots_keep_a_backend_the_program_chose():
 def test_monkeypatch_by_dotted_name_reaches_the_module(monkeypatch):
     import catdog.train
 
-    monkeypatch.setattr("catdog.train.FINETUNE_FROM_TRAIN_IMAGES", 7)
-    assert catdog.train.FINETUNE_FROM_TRAIN_IMAGES == 7
+    def always_finetune(config, device, train_images):
+        return "finetune"
+
+    # resolve_strategy: a name the command's own train() looks up in its module (defined in catdog.training.config)
+    monkeypatch.setattr("catdog.train.resolve_strategy", always_finetune)
+    assert catdog.train.resolve_strategy is always_finetune
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,9 @@ from catdog.checkpoint import load_model, load_training_state
 from catdog.runs import LAST_CHECKPOINT_FILE
 from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
 from catdog.predict import PredictConfig, run_predict
-from catdog.train import TrainConfig, predict_logits, train
-from catdog.train_finetune import GlobalBatchSampler
+from catdog.train import TrainConfig, train
+from catdog.training.finetune import GlobalBatchSampler
+from catdog.training.loop import predict_logits
 from catdog.transforms import eval_transform
 
 pytestmark = pytest.mark.slow

@@ -11,13 +11,8 @@ from conftest import make_kaggle_folder
 
 from catdog.cli import main
 from catdog.data import DataError, discover
-from catdog.label_issues import (
-    CSV_COLUMNS,
-    exclude_listed,
-    out_of_fold_probabilities,
-    rank_label_issues,
-    read_exclusion_list,
-)
+from catdog.exclusions import exclude_listed, read_exclusion_list
+from catdog.label_issues import CSV_COLUMNS, out_of_fold_probabilities, rank_label_issues
 from catdog.train import TrainConfig, train
 
 

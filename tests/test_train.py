@@ -13,14 +13,9 @@ from conftest import make_kaggle_folder
 from catdog.checkpoint import load_model, load_training_state
 
 from catdog.runs import LAST_CHECKPOINT_FILE
-from catdog.train import (
-    TrainConfig,
-    build_scheduler,
-    resolve_preprocess,
-    resolve_strategy,
-    strategy_defaults,
-    train,
-)
+from catdog.train import TrainConfig, train
+from catdog.training.config import resolve_preprocess, resolve_strategy, strategy_defaults
+from catdog.training.loop import build_scheduler
 
 
 def quiet(_message: str) -> None:

@@ -106,7 +106,7 @@ def test_unreachable_storage_is_a_clear_error(tmp_path, capsys):
 
 def test_unfreeze_trains_the_last_fraction_of_the_backbone():
     from catdog.models import create_model
-    from catdog.train_finetune import unfreeze_backbone
+    from catdog.training.finetune import unfreeze_backbone
 
     model = create_model("simple_cnn", 2)
     total = sum(p.numel() for p in model.backbone.parameters())
@@ -121,7 +121,7 @@ def test_unfreeze_trains_the_last_fraction_of_the_backbone():
 
 
 def test_augmentation_strength_runs_from_none_to_the_tutorials_recipe():
-    from catdog.train_finetune import augmentation_of_strength
+    from catdog.training.finetune import augmentation_of_strength
     from catdog.augmentation import Augmentation
 
     assert augmentation_of_strength(1.0) == Augmentation()

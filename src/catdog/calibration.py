@@ -29,6 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from catdog.files import write_with_atomic
+from catdog.plotting import headless_pyplot
+
 SHARPEN_MIN_IMAGES = 500
 SHARPEN_MIN_ERRORS = 5
 MIN_TEMPERATURE = 0.5
@@ -123,9 +126,6 @@ def plot_reliability_diagrams(curves: dict[str, ReliabilityCurve], path: Path) -
     """Side-by-side reliability diagrams (e.g. "before temperature", "after temperature (T = 0.90)"): accuracy per
     confidence bin as bars against the diagonal of perfect calibration, the gap shaded, ECE in the title, and the
     share of images per bin underneath (most sit in the top bin for a good model)."""
-    from catdog.files import write_with_atomic
-    from catdog.plotting import headless_pyplot
-
     plt = headless_pyplot()
 
     figure, axes = plt.subplots(2, len(curves), figsize=(4.2 * len(curves), 5.4), squeeze=False,

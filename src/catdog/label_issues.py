@@ -9,7 +9,8 @@ the same feature cache, so after a training run on the same photos this takes se
 cleanlab flags the photos it counts as label issues, ranked by self-confidence (the probability of the given
 label, lowest first); every other photo follows by the same measure, so the CSV is a complete ranking, most
 suspicious first. `catdog train --exclude label_issues.csv` leaves out the flagged rows (`label_issue` = 1) and
-`--exclude` also takes a plain list of paths (like `data audit`'s quarantine.txt).
+`--exclude` also takes a plain list of paths (like `data audit`'s quarantine.txt); reading those lists is
+`catdog.exclusions`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ import numpy as np
 
 from catdog.config import option
 from catdog.data import DataError, LabelledImages, default_num_workers, discover
+from catdog.devices import resolve_device
+from catdog.features import default_cache_dir, extract_features
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError
+from catdog.models import create_model
+from catdog.plotting import save_photo_grid
+from catdog.progress import progress_bar
+from catdog.training.config import TrainConfig, resolve_preprocess
 
 CSV_COLUMNS = ["path", "given_label", "suggested_label", "given_label_probability", "label_issue"]
 
@@ -80,10 +87,6 @@ def photo_features(images: LabelledImages, preset: str, device: str = "auto", ca
     """One feature vector per photo (NaN rows for unreadable ones): the head strategy's frozen-backbone features
     for `preset`, from the feature cache or the backbone, averaged over the preset's views (the photo and its
     mirror image), as test-time averaging does."""
-    from catdog.features import default_cache_dir, extract_features
-    from catdog.models import create_model
-    from catdog.train import TrainConfig, resolve_device, resolve_preprocess
-
     train_config = TrainConfig(data=str(images.root), preset=preset)
     preprocess = resolve_preprocess(train_config, "head")
     views = ("original", "flipped") if train_config.flip else ("original",)
@@ -99,6 +102,7 @@ def photo_features(images: LabelledImages, preset: str, device: str = "auto", ca
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Class probabilities of each photo from a logistic-regression head trained on the folds it is not in
     (standardised features, L2-regularised)."""
+    # Imported here: scikit-learn adds about a second to start-up, and only this step needs it.
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -120,6 +124,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
 def rank_label_issues(labels: np.ndarray, probabilities: np.ndarray) -> tuple[list[int], set[int]]:
     """Every position, most suspicious first: cleanlab's label issues ranked by self-confidence, then the rest by
     the probability of their given label, lowest first. Also returns the flagged positions."""
+    # Imported here: cleanlab adds over a second to start-up, and only this step needs it.
     from cleanlab import filter as cleanlab_filter
 
     ranked = cleanlab_filter.find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
@@ -161,8 +166,6 @@ def write_label_issues_csv(path: Path, rows: list[LabelIssue]) -> None:
 
 def plot_label_issues(rows: list[LabelIssue], path: Path, tile: int = 160) -> None:
     """A grid of the most suspicious photos titled "given -> suggested (probability of the given label)"."""
-    from catdog.plotting import save_photo_grid
-
     captions = [(row.absolute_path, f"{row.given_label} -> {row.suggested_label} ({row.given_label_probability:.3f})"
                                     f"{' *' if row.label_issue else ''}\n{Path(row.path).name}") for row in rows]
     save_photo_grid(captions, path, "Likely label errors: given -> suggested (probability of the given label); * flagged",
@@ -170,8 +173,6 @@ def plot_label_issues(rows: list[LabelIssue], path: Path, tile: int = 160) -> No
 
 
 def run_label_issues(config: LabelIssuesConfig, log=print) -> int:
-    from catdog.train import progress_bar
-
     images = discover(config.data, config.layout)
     log(f"data: {len(images)} images in {images.layout} layout, classes {images.class_counts()}; "
         f"{config.folds}-fold out-of-fold probabilities on {config.preset} preset features")
@@ -191,60 +192,3 @@ def run_label_issues(config: LabelIssuesConfig, log=print) -> int:
             f"(p({row.given_label}) = {row.given_label_probability:.4f}){' [flagged]' if row.label_issue else ''}")
     log(f"wrote {output} (every photo, most suspicious first) and {grid} (the top {min(config.shown, len(result.rows))})")
     return 0
-
-
-# ---------------------------------------------------------------- leaving listed photos out of training
-
-
-def read_exclusion_list(path: str | Path) -> list[str]:
-    """The paths a list file names: a CSV with a `path` column (a label_issues.csv: only its flagged rows, where
-    `label_issue` is 1; any other CSV: every row), or a plain list, one path per line, anything after a tab
-    ignored (`data audit`'s quarantine.txt), blank lines and `#` comments skipped."""
-    import csv
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such exclusion list")
-    text = path.read_text(encoding="utf-8-sig")
-    first_line = text.split("\n", 1)[0]
-    if path.suffix.lower() == ".csv" or first_line.split(",")[0].strip() == "path":
-        reader = csv.DictReader(text.splitlines())
-        if "path" not in (reader.fieldnames or []):
-            raise DataError(f"{path}: a CSV exclusion list needs a path column; found {reader.fieldnames}")
-        rows = list(reader)
-        if "label_issue" in (reader.fieldnames or []):
-            rows = [row for row in rows if (row["label_issue"] or "").strip().lower() in ("1", "true", "yes")]
-        return [row["path"].strip() for row in rows if (row["path"] or "").strip()]
-    lines = (line.split("\t", 1)[0].strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def exclude_listed(images: LabelledImages, list_file: str | Path) -> tuple[LabelledImages, list[Path], list[str]]:
-    """`images` without the photos `list_file` names, the photos left out, and the listed paths that match no
-    photo. A listed path matches a photo by its path relative to the data set's root (as label_issues.csv and
-    split.json write it) or as a file path (absolute, or relative to the current folder or the list's folder)."""
-    import os
-
-    def normalised(path) -> str:
-        return os.path.normpath(os.path.abspath(path))
-
-    listed = read_exclusion_list(list_file)
-    list_folder = Path(list_file).parent
-    wanted: dict[str, str] = {}
-    for entry in listed:
-        for key in (entry, normalised(entry), normalised(list_folder / entry)):
-            wanted.setdefault(key, entry)
-    matched_entries: set[str] = set()
-    keep, dropped = [], []
-    for index, (path, relative) in enumerate(zip(images.paths, images.relative_paths())):
-        hit = next((wanted[key] for key in (relative, normalised(path)) if key in wanted), None)
-        if hit is None:
-            keep.append(index)
-        else:
-            matched_entries.add(hit)
-            dropped.append(path)
-    kept = images.subset(keep)
-    lost = sorted(set(images.class_names) - {kept.class_names[label] for label in kept.labels})
-    if lost:
-        raise DataError(f"{list_file}: it excludes every image of class(es) {lost}")
-    return kept, dropped, [entry for entry in listed if entry not in matched_entries]

@@ -30,28 +30,29 @@ from typing import Callable
 import torch
 from torch import nn
 
+from catdog.augmentation import train_transform
 from catdog.config import option
 from catdog.data import LabelledImages, default_num_workers, discover, stratified_split
 from catdog.datasets import ImageFileDataset, dataloader_options
+from catdog.devices import resolve_device
 from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
 from catdog.models import create_model
-from catdog.train import (
-    PRESETS,
-    TrainConfig,
+from catdog.plotting import headless_pyplot
+from catdog.training.config import PRESETS, TrainConfig, resolve_preprocess, strategy_defaults
+from catdog.training.finetune import augmentation_of_strength, unfreeze_backbone
+from catdog.training.head import FeatureBatches, load_head_data
+from catdog.training.loop import (
     build_optimizer,
     build_scheduler,
-    evaluate,
-    resolve_device,
-    resolve_preprocess,
     epoch_generator,
+    evaluate,
     seed_everything,
-    strategy_defaults,
     train_one_epoch,
 )
-from catdog.train_finetune import augmentation_of_strength, unfreeze_backbone
-from catdog.train_head import FeatureBatches, load_head_data
 from catdog.transforms import eval_transform
-from catdog.augmentation import train_transform
+
+# optuna (with sqlalchemy and psycopg) is the `tune` extra: it is imported inside the functions that use it, so
+# this module, and with it `catdog tune --help` and TuneConfig, imports without it.
 
 STRATEGIES = ("head", "finetune")
 
@@ -180,6 +181,25 @@ def torch_threads(count: int):
         torch.set_num_threads(previous)
 
 
+def train_reporting_each_epoch(trial, epochs: int, train_epoch: Callable[[int], None],
+                               validate: Callable[[], tuple]) -> float:
+    """A trial's epochs: `train_epoch(epoch)`, then `validate()` (the loop's `evaluate` of the trial's model), whose
+    loss is reported so the median pruner can stop the trial early (Optuna's TrialPruned). Returns the best
+    validation loss. Both strategies' trials run their epochs through this."""
+    import optuna
+
+    best = float("inf")
+    for epoch in range(epochs):
+        train_epoch(epoch)
+        val_loss, val_accuracy, _, _ = validate()
+        best = min(best, val_loss)
+        trial.set_user_attr("val_accuracy", val_accuracy)
+        trial.report(val_loss, epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return best
+
+
 def base_train_config(config: TuneConfig) -> TrainConfig:
     return TrainConfig(data=config.data, out=config.out, preset=config.preset, model=config.model, strategy=config.strategy,
                        seed=config.seed, val_fraction=config.val_fraction, device=config.device,
@@ -218,17 +238,13 @@ def head_objective(config: TuneConfig, base: TrainConfig, train_images: Labelled
         loss_function = nn.CrossEntropyLoss(label_smoothing=trial_config.label_smoothing)
         optimizer = build_optimizer(head.parameters(), trial_config)
         scheduler = build_scheduler(optimizer, trial_config, math.ceil(len(data.train_labels) / trial_config.batch_size))
-        best = float("inf")
-        for epoch in range(trial_config.epochs):
+
+        def train_epoch(epoch: int) -> None:
             batches = FeatureBatches(data.train_samples, data.train_labels, trial_config.batch_size, True, config.seed, epoch)
             train_one_epoch(head, batches, optimizer, scheduler, loss_function, torch.device("cpu"), trial_config.grad_clip)
-            val_loss, val_accuracy, _, _ = evaluate(head, val_batches, plain_loss, torch.device("cpu"))
-            best = min(best, val_loss)
-            trial.set_user_attr("val_accuracy", val_accuracy)
-            trial.report(val_loss, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return best
+
+        return train_reporting_each_epoch(trial, trial_config.epochs, train_epoch,
+                                          lambda: evaluate(head, val_batches, plain_loss, torch.device("cpu")))
 
     return objective
 
@@ -280,19 +296,15 @@ def finetune_objective(config: TuneConfig, base: TrainConfig, train_images: Labe
             batch_size=trial_config.batch_size * 2, shuffle=False, **options)
         optimizer = build_optimizer(model.parameters(), trial_config)
         scheduler = build_scheduler(optimizer, trial_config, math.ceil(len(train_dataset) / trial_config.batch_size))
-        best = float("inf")
-        for epoch in range(trial_config.epochs):
+
+        def train_epoch(epoch: int) -> None:
             train_loader = torch.utils.data.DataLoader(
                 train_dataset, batch_size=trial_config.batch_size, shuffle=True, generator=epoch_generator(config.seed, epoch),
                 drop_last=len(train_dataset) > trial_config.batch_size, **options)
             train_one_epoch(model, train_loader, optimizer, scheduler, plain_loss, device, trial_config.grad_clip, amp_dtype)
-            val_loss, val_accuracy, _, _ = evaluate(model, val_loader, plain_loss, device, amp_dtype)
-            best = min(best, val_loss)
-            trial.set_user_attr("val_accuracy", val_accuracy)
-            trial.report(val_loss, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return best
+
+        return train_reporting_each_epoch(trial, trial_config.epochs, train_epoch,
+                                          lambda: evaluate(model, val_loader, plain_loss, device, amp_dtype))
 
     return objective
 
@@ -372,8 +384,6 @@ def write_study_report(study, config: TuneConfig, base: TrainConfig, seconds: fl
 
 def save_study_plots(study, out: Path, log) -> None:
     """optimization_history.png always; param_importances.png once two trials have completed (fANOVA needs them)."""
-    from catdog.plotting import headless_pyplot
-
     plt = headless_pyplot()  # before optuna's plotting module imports pyplot
     import optuna
     from optuna.visualization import matplotlib as optuna_plots

@@ -21,9 +21,8 @@ from timm.utils.distributed import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
+from catdog.augmentation import Augmentation, train_transform
 from catdog.checkpoint import load_model, save_model, save_training_state
-
-from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
 from catdog.data import LabelledImages, default_num_workers
 from catdog.datasets import ImageFileDataset, dataloader_options
 from catdog.distributed import (
@@ -37,9 +36,11 @@ from catdog.distributed import (
 )
 from catdog.images import ImageLoadError
 from catdog.models import Classifier
-from catdog.train import (
+from catdog.progress import progress_bar
+from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
+from catdog.training.config import TrainConfig
+from catdog.training.loop import (
     EpochResult,
-    TrainConfig,
     Tracker,
     build_loss_function,
     build_optimizer,
@@ -47,7 +48,6 @@ from catdog.train import (
     epoch_generator,
     epoch_seed,
     predict_logits,
-    progress_bar,
     rng_state,
     sampling_weights,
     score_logits,
@@ -55,7 +55,6 @@ from catdog.train import (
     train_one_epoch,
 )
 from catdog.transforms import Preprocess, eval_transform
-from catdog.augmentation import Augmentation, train_transform
 
 
 def unfreeze_backbone(model: Classifier, fraction: float) -> None:

@@ -1,8 +1,8 @@
 """The head strategy: a linear head trained on cached features of the frozen pretrained backbone.
 
 The features of every training and validation photo (and its mirror image, with --flip) come from the feature
-cache or one pass of the backbone (`features.py`); the head then trains on those vectors with the shared loop of
-`train.py`, in seconds per epoch.
+cache or one pass of the backbone (`features.py`); the head then trains on those vectors with the shared loop
+(`loop.py`), in seconds per epoch. `catdog tune --strategy head` reuses `load_head_data` and `FeatureBatches`.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ import torch
 from torch import nn
 
 from catdog.checkpoint import save_training_state
-
-from catdog.runs import LAST_CHECKPOINT_FILE
 from catdog.data import DataError, LabelledImages, default_num_workers
 from catdog.datasets import Batch
 from catdog.distributed import all_gather_objects, is_main_process, shard, shard_indices, world_size
 from catdog.features import FeatureSet, cache_folder, default_cache_dir, extract_features
 from catdog.images import ImageLoadError
 from catdog.models import Classifier
-from catdog.train import (
-    TrainConfig,
+from catdog.progress import progress_bar
+from catdog.runs import LAST_CHECKPOINT_FILE
+from catdog.training.config import TrainConfig
+from catdog.training.loop import (
     Tracker,
     build_loss_function,
     build_optimizer,
     build_scheduler,
     epoch_generator,
     evaluate,
-    progress_bar,
     rng_state,
     sampling_weights,
     seed_epoch,
