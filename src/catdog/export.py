@@ -97,7 +97,7 @@ class DeployableNetwork(nn.Module):
             logits, jacobian = _cat_dog_logits_and_jacobian(self.model.imagenet_model, features)
         else:
             logits = self.model.head(features)
-            jacobian = self.model.head.weight.unsqueeze(0).expand(len(features), -1, -1)
+            jacobian = self.model.head.weight.unsqueeze(0)  # [1, classes, C]: the same for every image
         gradients = _log_odds_gradients(logits, jacobian)  # [N, classes, C]
         class_maps = torch.relu(torch.einsum("nkc,nchw->nkhw", gradients, feature_map))
         return logits, features, class_maps
@@ -115,9 +115,9 @@ class DeployableNetwork(nn.Module):
         pre_activation = dense(backbone.features[8:](feature_map))
         features = torch.relu(pre_activation)
         logits = self.model.head(features)
-        gradients = _log_odds_gradients(logits, self.model.head.weight.unsqueeze(0).expand(len(features), -1, -1))
+        gradients = _log_odds_gradients(logits, self.model.head.weight.unsqueeze(0))
         at_pooled = (gradients * (pre_activation > 0).unsqueeze(1).to(gradients.dtype)) @ dense.weight  # [N, K, 64*49]
-        channel_weights = at_pooled.reshape(len(features), logits.shape[1], feature_map.shape[1], -1).sum(dim=3)
+        channel_weights = at_pooled.unflatten(2, (feature_map.shape[1], -1)).sum(dim=3)
         class_maps = torch.relu(torch.einsum("nkc,nchw->nkhw", channel_weights, feature_map))
         return logits, features, class_maps
 
@@ -146,7 +146,8 @@ def _cat_dog_logits_and_jacobian(imagenet_model: nn.Module, features: torch.Tens
 
 
 def _log_odds_gradients(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
-    """d/dfeatures of each class's log-odds, logit_c - logsumexp(other logits): J_c - sum_j softmax_others(j) J_j."""
+    """d/dfeatures of each class's log-odds, logit_c - logsumexp(other logits): J_c - sum_j softmax_others(j) J_j.
+    jacobian: [N or 1, classes, C] (broadcast, so the batch dimension stays dynamic in the exported graph)."""
     classes = logits.shape[1]
     # A constant in the graph (ONNX Runtime has no boolean EyeLike): row c masks class c out.
     others = torch.from_numpy(np.eye(classes, dtype=bool)).to(logits.device)
@@ -200,7 +201,7 @@ def export_onnx_module(module: nn.Module, path: str | os.PathLike, input_size: i
             # the torch.export-based exporter handles it.
             torch.onnx.export(module, (example,), str(temporary), input_names=["images"], output_names=list(output_names),
                               dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, opset_version=18,
-                              dynamo=True, verbose=False)
+                              dynamo=True, external_data=False, verbose=False)
         if metadata:
             model = onnx.load(str(temporary))
             for key, value in metadata.items():
