@@ -8,6 +8,7 @@
 # Or build without a model and mount one at run time:
 #   docker build --target runtime -t catdog-runtime .
 #   docker run --rm -p 8000:8000 -v "$PWD/model.onnx:/models/model.onnx:ro" catdog-runtime
+# (the server runs as uid 10001: a mounted file must be readable by it, e.g. chmod a+r model.onnx)
 #
 # Set CATDOG_API_KEY (docker run -e CATDOG_API_KEY=...) to require a bearer key; /ready stays open for the check.
 
