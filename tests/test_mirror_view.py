@@ -46,27 +46,27 @@ def test_too_small_a_validation_split_gets_no_threshold():
     assert choose_mirror_threshold(view_logits, labels, temperature=1.0, log=lambda _: None) is None
 
 
-class MirrorCountingSession:
-    """Stands in for an ONNX Runtime session: logits from the mean of the left and right image halves, so the mirror
-    image gives different logits; counts the photos it is run on."""
+class MirrorCountingNetwork:
+    """Stands in for an exported model's network (`inference.OnnxNetwork`): logits from the mean of the left and
+    right image halves, so the mirror image gives different logits; counts the photos it is run on."""
+
+    backend = "counting"
+    outputs = ("logits",)
 
     def __init__(self):
         self.photos = 0
 
-    def run(self, _, feeds):
-        images = feeds["images"]
+    def run(self, images, outputs=("logits",)):
+        assert tuple(outputs) == ("logits",)
         self.photos += len(images)
         half = images.shape[-1] // 2
         score = images[..., :half].mean(axis=(1, 2, 3)) - images[..., half:].mean(axis=(1, 2, 3))
-        return [np.stack([-score, score], axis=1).astype(np.float32)]
+        return {"logits": np.stack([-score, score], axis=1).astype(np.float32)}
 
 
 def predictor_with(mirror_below: float | None) -> Predictor:
     meta = RunMeta("test", ["cat", "dog"], Preprocess(16, 1.0), 1.0, "head", True, {}, mirror_below)
-    predictor = Predictor.__new__(Predictor)  # the real class around a counting session (no model to export)
-    predictor.meta, predictor.temperature, predictor.class_names = meta, 1.0, ["cat", "dog"]
-    predictor.session, predictor.model = MirrorCountingSession(), None
-    return predictor
+    return Predictor(network=MirrorCountingNetwork(), meta=meta)  # the real class around a counting network
 
 
 def test_the_predictor_runs_the_mirror_view_only_below_the_threshold():
@@ -75,11 +75,12 @@ def test_the_predictor_runs_the_mirror_view_only_below_the_threshold():
     images[:30, ..., :8] += 3.0  # 30 photos clearly "dog" from the first view; their mirror images say "cat"
     everything = predictor_with(None).probabilities(images)
     predictor = predictor_with(0.99)
+    assert predictor.backend == "counting" and not predictor.has_heatmaps and predictor.class_names == ["cat", "dog"]
     selective = predictor.probabilities(images)
     first_view = softmax(predictor.logits(images))
     unsure = first_view.max(axis=1) < 0.99
     assert 0 < unsure.sum() < 40
-    assert predictor.session.photos == 40 + unsure.sum() + 40  # first view, the unsure ones' mirror, the check
+    assert predictor.network.photos == 40 + unsure.sum() + 40  # first view, the unsure ones' mirror, the check
     np.testing.assert_allclose(selective[unsure], everything[unsure], atol=1e-6)
     np.testing.assert_allclose(selective[~unsure], first_view[~unsure], atol=1e-6)
     np.testing.assert_allclose(predictor.probabilities(images, tta=True), everything, atol=1e-6)
