@@ -11,7 +11,8 @@ build/lib from an older tree out of the wheel. In that environment:
 - `catdog predict --model model.onnx` on a few generated photos writes the same CSV as this environment's (the
   full install's) `catdog predict`, probabilities within 1e-5; model.onnx is exported here from a tiny trained run;
 - `catdog serve --model model.onnx` on a free loopback port answers /ready, /predict and / (stopped in a finally);
-- `catdog train` exits 2 with one line naming `catdog[train]`, no traceback.
+- `catdog train` exits 2 with one line naming `catdog[train]`, no traceback; a failing `catdog predict` (no such
+  photo) says why without a traceback.
 
 Skipped, saying why, only when pip cannot reach a package index.
 """
@@ -188,6 +189,14 @@ def test_a_command_of_a_missing_extra_exits_2_naming_the_extra(runtime, work):
 
 
 # --- predict ------------------------------------------------------------------------------------------------------
+
+def test_a_failing_predict_says_why_without_a_traceback(runtime, model_file, work):
+    """An ordinary failure (nothing to predict) is reported as in the full install: the runtime's error handling
+    must not reach for a training module."""
+    result = runtime.run(runtime.catdog, "predict", "--model", model_file, work / "no-such-photo.jpg", cwd=work)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "no-such-photo.jpg" in result.stderr + result.stdout, result.stderr
+
 
 def test_predict_matches_the_full_install(runtime, model_file, photo_paths, work):
     full_csv, runtime_csv = work / "full.csv", work / "runtime.csv"
