@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2)
     arguments = parser.parse_args()
     from catdog.data import discover
-    from catdog.predict import load_predictor
+    from catdog.backends import load_torch_predictor
     from catdog.train import TrainConfig, train
 
     out = Path(arguments.out)
@@ -52,13 +52,13 @@ def main() -> int:
     print(json.dumps({"head_on_cuda": results["head_on_cuda"]}), flush=True)
 
     paths = discover(arguments.data).paths
-    gpu = load_predictor(str(out / "head"), backend="torch", device="cuda")
+    gpu = load_torch_predictor(str(out / "head"), "cuda")
     gpu.predict_files(paths[:256], batch_size=128)  # warm-up
-    outcome = gpu.predict_files(paths, batch_size=128, num_workers=8)
+    outcome = gpu.predict_files(paths, batch_size=128, decode_threads=8)
     results["predict_cuda_images_per_second"] = round(len(paths) / outcome.seconds, 1)
-    cpu = load_predictor(str(out / "head"), backend="torch", device="cpu")
+    cpu = load_torch_predictor(str(out / "head"), "cpu")
     sample = paths[:64]
-    difference = np.abs(gpu.predict_files(sample, num_workers=0).probabilities - cpu.predict_files(sample, num_workers=0).probabilities).max()
+    difference = np.abs(gpu.predict_files(sample).probabilities - cpu.predict_files(sample).probabilities).max()
     results["cuda_vs_cpu_max_probability_difference"] = float(difference)
     print(json.dumps({k: results[k] for k in ("predict_cuda_images_per_second", "cuda_vs_cpu_max_probability_difference")}), flush=True)
     (out / "cuda_check.json").write_text(json.dumps(results, indent=2))

@@ -178,7 +178,7 @@ def main() -> int:
         from catdog.data import discover
         from catdog.features import extract_features
         from catdog.models import create_model, get_model_spec
-        from catdog.predict import load_predictor
+        from catdog.backends import load_torch_predictor
 
         paths = discover(str(data)).paths
         head_model = "efficientnet_lite0"
@@ -192,10 +192,10 @@ def main() -> int:
         rows.append(("head extraction, 1 device", f"{head_model} {preprocess.input_size} px, {len(paths)} JPEGs",
                      f"{len(paths) / features.seconds:.1f} img/s"))
 
-        predictor = load_predictor(str(run), backend="torch", device=str(device))
-        predictor.predict_files(paths[:64], batch_size=32, num_workers=0)  # warm-up
+        predictor = load_torch_predictor(str(run), device)
+        predictor.predict_files(paths[:64], batch_size=32, decode_threads=1)  # warm-up
         outcome = predictor.predict_files(paths, batch_size=8 if arguments.smoke else 256,
-                                          num_workers=0 if arguments.smoke else 8)
+                                          decode_threads=1 if arguments.smoke else 8)
         rows.append(("predict, 1 device", f"run of row 3, {len(paths)} JPEGs", f"{len(paths) / outcome.seconds:.1f} img/s"))
 
     widths = [max(len(row[column]) for row in rows) for column in range(3)]

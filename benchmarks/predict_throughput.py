@@ -136,9 +136,9 @@ def scheme_probabilities(view_logits: np.ndarray, temperature: float, mirror_bel
 
 
 def accuracy_check(run: Path) -> dict:
-    from catdog.predict import load_predictor
+    from catdog.model_files import load_predictor
 
-    predictor = load_predictor(str(run))
+    predictor = load_predictor(run=str(run))
     split = json.loads((run / "split.json").read_text())
     paths = [Path(split["root"]) / relative for relative in split["val"]]
     labels = np.array([split["class_names"].index(Path(p).name.split(".")[0]) for p in split["val"]])
@@ -157,7 +157,8 @@ def accuracy_check(run: Path) -> dict:
 def profile(run: Path, folder: Path, scratch: Path) -> dict:
     """Where a photo's time goes, measured in this process (start-up: a fresh process predicting one photo)."""
     from catdog.images import load_image
-    from catdog.predict import load_predictor, softmax
+    from catdog.model_files import load_predictor
+    from catdog.probabilities import softmax
 
     single = scratch / "one"
     single.mkdir(exist_ok=True)
@@ -165,7 +166,7 @@ def profile(run: Path, folder: Path, scratch: Path) -> dict:
     (single / first_photo.name).write_bytes(first_photo.read_bytes())
     startup = min(catdog_predict(run, single, scratch / "one.csv")[0] for _ in range(3))
     started = time.perf_counter()
-    predictor = load_predictor(str(run))
+    predictor = load_predictor(run=str(run))
     session_seconds = time.perf_counter() - started
     paths = sorted(folder.glob("*.jpg"))[:64]
     started = time.perf_counter()

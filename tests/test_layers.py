@@ -39,13 +39,14 @@ RUNTIME_MODULES = (
     "catdog.progress",
     "catdog.probabilities",
     "catdog.inference",
+    "catdog.extras",
     "catdog.predict",
     "catdog.explain",
     "catdog.serve",
 )
 RUNTIME_PACKAGES = ("catdog.serve",)  # every module below these is runtime too
 # The top layer: imports without torch, may import the training layer inside functions.
-TOP_MODULES = ("catdog.cli", "catdog.api")
+TOP_MODULES = ("catdog.cli", "catdog.api", "catdog.model_files")
 # Packages that only the `train` / `tune` extras install: never imported by a runtime module, at any level.
 TRAINING_LIBRARIES = ("torch", "torchvision", "timm", "sklearn", "scipy", "matplotlib", "optuna", "captum",
                       "safetensors", "onnx", "onnxscript", "cleanlab", "tensorboard", "huggingface_hub", "psycopg")

@@ -29,6 +29,7 @@ from catdog.datasets import collate_skipping_bad_images
 from catdog.export import export_onnx_module
 from catdog.files import atomic_path, default_cache_dir  # noqa: F401 (default_cache_dir: imported from here too)
 from catdog.images import ImageLoadError, load_image
+from catdog.inference import session_options
 from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
 
 VIEWS = ("original", "flipped")
@@ -106,18 +107,6 @@ class _ImageBytesDataset(Dataset):
         return {"index": index, "image": self.transform(image), "label": -1}
 
 
-def onnx_session_options():
-    """ONNX Runtime settings for sharing a small CPU with decoding: no busy-waiting between operators (spinning
-    threads starve the decoder; measured +8% images/s end to end on 2 cores). Denormals are not flushed: see
-    `catdog.export.prediction_session_options`."""
-    import onnxruntime  # imported here: only the ONNX backend needs it, and it adds 0.2 s to start-up
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 class OnnxBackbone:
     """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU.
     The export happens once per machine (cached); later runs never build the PyTorch backbone at all."""
@@ -128,7 +117,9 @@ class OnnxBackbone:
         path = cache_dir / "onnx" / f"{model_name}-backbone-{preprocess.input_size}-torch{torch.__version__}-{__version__}.onnx"
         if not path.is_file():
             export_onnx_module(backbone(), path, preprocess.input_size, output_names=("features",))
-        self.session = onnxruntime.InferenceSession(str(path), onnx_session_options(), providers=["CPUExecutionProvider"])
+        # As many threads as torch's pool: the decoder processes share the CPU with it.
+        self.session = onnxruntime.InferenceSession(str(path), session_options(max(1, torch.get_num_threads())),
+                                                    providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.session.run(None, {"images": images.numpy()})

@@ -135,15 +135,18 @@ class Predictor:
         return 1 if self.backend == "onnxruntime" and self.device == "cpu" else 64
 
     def predict_files(self, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
-                      progress: Callable[[int], None] | None = None) -> PredictionOutcome:
+                      progress: Callable[[int], None] | None = None, decode_threads: int = 0) -> PredictionOutcome:
         """Probabilities for every readable file in `paths`; unreadable ones are reported in `errors`.
-        batch_size 0: the backend's best. Decoding runs in a thread, overlapped with the network."""
+        batch_size 0: the backend's best. Decoding runs in threads overlapped with the network: decode_threads 0
+        means one on a CPU (the network wants the cores) and up to 8 beside a GPU (which would otherwise wait)."""
         started = time.perf_counter()
         batch_size = batch_size or self.default_batch_size()
+        decode_threads = decode_threads or (1 if self.device == "cpu" else min(8, os.cpu_count() or 1))
         indices: list[int] = []
         chunks: list[np.ndarray] = []
         errors: list[ImageLoadError] = []
-        for images, batch_indices, batch_errors in decoded_batches(paths, self.transform, self.preprocess.resize_size, batch_size):
+        for images, batch_indices, batch_errors in decoded_batches(paths, self.transform, self.preprocess.resize_size,
+                                                                   batch_size, decode_threads):
             errors.extend(batch_errors)
             if len(batch_indices):
                 chunks.append(self.probabilities(images, tta))
@@ -212,11 +215,12 @@ def load_run_model_file(run: str | os.PathLike, threads: int | None = None, devi
     return predictor
 
 
-def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, ahead: int = 16):
-    """Yield (images [B, 3, S, S], indices, errors) for consecutive files, decoded and preprocessed by one
-    background thread that stays at most `ahead` files in front of the consumer (bounded memory for any number of
-    files). A thread, not a process: Pillow's decoder and resize and ONNX Runtime all release the GIL, and a thread
-    costs no start-up or copying of the pixels between processes."""
+def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, threads: int = 1):
+    """Yield (images [B, 3, S, S], indices, errors) for consecutive files, decoded and preprocessed by `threads`
+    background threads that stay at most two batches (at least 16 files) in front of the consumer (bounded memory
+    for any number of files). Threads, not processes: Pillow's decoder and resize, ONNX Runtime and PyTorch all
+    release the GIL, and a thread costs no start-up or copying of the pixels between processes."""
+    ahead = max(16, 2 * batch_size)
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -226,7 +230,7 @@ def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_siz
         except ImageLoadError as error:
             return error
 
-    with ThreadPoolExecutor(1, thread_name_prefix="catdog-decode") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="catdog-decode") as pool:
         pending = deque(pool.submit(decode, index) for index in range(min(ahead, len(paths))))
         next_index = len(pending)
         images, indices, errors = [], [], []
