@@ -64,12 +64,17 @@ def test_head_strategy_on_cached_features(tmp_path):
     assert meta.model_name == "efficientnet_lite0"
     # Validated with mirror-image averaging, so prediction averages the same way unless told otherwise.
     assert meta.tta is True
-    from catdog.predict import load_predictor
+    from catdog.backends import load_run_predictor, load_torch_predictor
 
-    predictor = load_predictor(str(tmp_path / "run"), backend="torch")
-    images = torch.randn(3, 3, 64, 64)
-    assert np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=True))
-    assert not np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=False))
+    images = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    torch_predictor = load_torch_predictor(str(tmp_path / "run"), "cpu")
+    onnx_predictor = load_run_predictor(str(tmp_path / "run"), "onnxruntime", "cpu")  # exported on first use
+    assert (torch_predictor.backend, onnx_predictor.backend) == ("torch", "onnxruntime")
+    for predictor in (torch_predictor, onnx_predictor):
+        assert predictor.meta.tta is True
+        assert np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=True))
+        assert not np.allclose(predictor.probabilities(images), predictor.probabilities(images, tta=False))
+    assert np.allclose(torch_predictor.probabilities(images), onnx_predictor.probabilities(images), atol=1e-4)
 
 
 def test_time_budget_cuts_feature_extraction_and_a_rerun_continues_from_the_cache(tmp_path):
