@@ -1,20 +1,29 @@
-"""Export, reload, compare: ONNX and TorchScript files carry class names and preprocessing and match PyTorch."""
+"""Export, reload, compare: the deployable ONNX file (format catdog-model/1: logits, features and class maps, the
+run's metadata, heatmap offset and weights digest inside) matches PyTorch; a stale RUN/model.onnx is never used;
+the built-in model exports too; TorchScript files carry their metadata; a failed parity check writes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import make_kaggle_folder
+from conftest import colour_image, make_kaggle_folder
 
 from catdog import export as export_module
-from catdog.checkpoint import load_model
+from catdog.checkpoint import load_model, save_model
 from catdog.cli import main
-from catdog.export import ExportConfig, ExportParityError, parity_batch, run_export
+from catdog.export import ExportConfig, ExportParityError, exported_model_file, parity_batch, run_export
+from catdog.model_files import model_file_for
+from catdog.predict import MODEL_FORMAT, load_model_file, load_run_model_file, weights_digest
+from catdog.runs import RunError, RunMeta, read_meta
 from catdog.train import TrainConfig, train
+
+OUTPUTS = ("logits", "features", "class_maps")
 
 
 @pytest.fixture(scope="module")
@@ -26,47 +35,141 @@ def run_dir(tmp_path_factory):
     return root / "run"
 
 
+def copy_of(run_dir, tmp_path):
+    """A copy of the module's run that a test may export into or change."""
+    return shutil.copytree(run_dir, tmp_path / "run")
+
+
 def test_onnx_export_reload_compare(run_dir, tmp_path):
-    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "m.onnx")]) == 0
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert tuple(output.name for output in session.get_outputs()) == OUTPUTS
     metadata = session.get_modelmeta().custom_metadata_map
+    assert metadata["catdog_format"] == MODEL_FORMAT == "catdog-model/1"
     assert json.loads(metadata["class_names"]) == ["cat", "dog"]
     assert json.loads(metadata["preprocess"])["input_size"] == 64
+    assert RunMeta.from_dict(json.loads(metadata["catdog_meta"])) == read_meta(run_dir)
+    assert metadata["weights_sha1"] == hashlib.sha1((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    offset = json.loads(metadata["heatmap_offset"])
+    # EfficientNet's stride-32 cells look about (32 - 1) / 2 pixels up and left of where upsampling puts them.
+    assert len(offset) == 2 and all(-32 < value < 0 for value in offset), offset
+
     model, meta = load_model(run_dir)
     batch = parity_batch(run_dir, meta.preprocess, 8)
     assert batch.shape == (4, 3, 64, 64)  # the four real validation images (2 per class of 10)
-    (logits,) = session.run(None, {"images": batch.numpy()})
+    logits, features, class_maps = session.run(None, {"images": batch.numpy()})
     with torch.inference_mode():
         reference = torch.softmax(model(batch) / meta.temperature, 1).numpy()
+        head = model.head(torch.from_numpy(features)).numpy()
     exported = torch.softmax(torch.from_numpy(logits) / float(metadata["temperature"]), 1).numpy()
     assert np.abs(reference - exported).max() <= 1e-4
+    assert features.shape[0] == 4 and np.allclose(head, logits, atol=1e-4)  # "features" is what the head sees
+    assert class_maps.shape == (4, 2, 2, 2) and (class_maps >= 0).all()  # a ReLU'd 2x2 map per class at 64 px
+
+    # The runtime reads everything back from the one file.
+    predictor = load_model_file(out)
+    assert predictor.backend == "onnxruntime" and predictor.network.outputs == OUTPUTS and predictor.has_heatmaps
+    assert predictor.meta.to_dict() == meta.to_dict() and predictor.source == str(out)
+    assert predictor.heatmap_offset == pytest.approx(tuple(offset))
+    np.testing.assert_allclose(predictor.probabilities(batch.numpy(), tta=False), reference, atol=1e-4)
+
+
+def test_export_defaults_to_the_run_and_a_stale_model_file_is_not_used(run_dir, tmp_path):
+    run = copy_of(run_dir, tmp_path)
+    cache = tmp_path / "cache"
+    assert main(["export", "--run", str(run)]) == 0
+    own = run / "model.onnx"
+    current = load_run_model_file(run)
+    assert current is not None and current.source == str(own)
+    assert exported_model_file(str(run), cache) == own and model_file_for("", str(run), cache) == own
+    assert not (cache / "models").exists()  # the run's own file is current: nothing exported again
+
+    model, meta = load_model(run)
+    with torch.no_grad():
+        model.head.weight.mul_(-1.0)  # new weights after the export: model.onnx no longer matches them
+    save_model(run, model, meta)
+    assert load_run_model_file(run) is None
+    fresh = exported_model_file(str(run), cache)
+    assert fresh != own and fresh.parent == cache / "models" and fresh.is_file()
+    assert model_file_for("", str(run), cache) == fresh
+    predictor = load_model_file(fresh)
+    assert predictor.network.metadata["weights_sha1"] == weights_digest(run) != current.network.metadata["weights_sha1"]
+    batch = parity_batch(run, meta.preprocess, 4)
+    with torch.inference_mode():
+        reference = torch.softmax(model(batch) / meta.temperature, 1).numpy()
+    np.testing.assert_allclose(predictor.probabilities(batch.numpy(), tta=False), reference, atol=1e-4)
+    assert not np.allclose(current.probabilities(batch.numpy(), tta=False), reference, atol=1e-2)
+
+
+def test_export_the_builtin_model(tmp_path):
+    out = tmp_path / "builtin.onnx"
+    assert main(["export", "--builtin", "--out", str(out), "--parity-images", "2"]) == 0
+    predictor = load_model_file(out)
+    assert predictor.is_zero_training and predictor.class_names == ["cat", "dog"]
+    assert predictor.network.outputs == OUTPUTS and predictor.has_heatmaps
+    assert predictor.network.metadata["catdog_format"] == MODEL_FORMAT and predictor.network.metadata["weights_sha1"] == ""
+    from catdog.backends import load_torch_predictor
+
+    pictures = [colour_image(label, 40 + label, size=(96, 80)) for label in (0, 1)]
+    np.testing.assert_allclose(predictor.predict_pil(pictures), load_torch_predictor(None, "cpu").predict_pil(pictures),
+                               atol=1e-4)
+
+
+def test_export_needs_a_run_or_builtin_not_both(run_dir, tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--run", str(run_dir), "--builtin", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.count("give --run RUN or --builtin") == 2
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_that_is_not_an_export_is_refused_naming_it(run_dir, tmp_path):
+    plain = tmp_path / "plain.onnx"
+    export_module.export_onnx_module(torch.nn.Conv2d(3, 2, 3), plain, 16)  # ONNX, but no catdog metadata
+    with pytest.raises(RunError, match=f"{plain}: not a catdog catdog-model/1 model file"):
+        load_model_file(plain)
+    with pytest.raises(RunError, match="model file not found"):
+        load_model_file(tmp_path / "missing.onnx")
+    with pytest.raises(RunError, match="for a run directory use --run"):
+        load_model_file(run_dir)
 
 
 def test_torchscript_export_carries_metadata(run_dir, tmp_path):
     out = run_export(ExportConfig(run=str(run_dir), format="torchscript", out=str(tmp_path / "m.pt")), log=lambda _: None)
-    extra = {"class_names": ""}
+    extra = {"class_names": "", "catdog_format": ""}
     loaded = torch.jit.load(str(out), _extra_files=extra)
-    assert json.loads(extra["class_names"]) == ["cat", "dog"]
+    text = {key: value.decode() if isinstance(value, bytes) else value for key, value in extra.items()}
+    assert json.loads(text["class_names"]) == ["cat", "dog"] and text["catdog_format"] == MODEL_FORMAT
     assert loaded(torch.zeros(1, 3, 64, 64)).shape == (1, 2)
 
 
 def test_failed_parity_fails_loudly_and_writes_nothing(run_dir, tmp_path, monkeypatch):
+    run = copy_of(run_dir, tmp_path / "copy")
+    before = sorted(path.name for path in run.iterdir())
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(ExportParityError, match="exceeds"):
         run_export(ExportConfig(run=str(run_dir), out=str(tmp_path / "bad.onnx")), log=lambda _: None)
-    assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.iterdir())
+    assert list(tmp_path.iterdir()) == [tmp_path / "copy"]  # no bad.onnx, no staging file
+    with pytest.raises(ExportParityError, match="exceeds"):
+        run_export(ExportConfig(run=str(run)), log=lambda _: None)  # the default: RUN/model.onnx
+    assert sorted(path.name for path in run.iterdir()) == before  # no model.onnx, no staging file left
+    with pytest.raises(ExportParityError, match="exceeds"):
+        exported_model_file(str(run), tmp_path / "cache")  # an export on first use is checked the same way
+    assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
 
 
-@pytest.mark.parametrize("options_name", ["prediction", "features"])
-def test_onnx_sessions_leave_the_callers_floating_point_alone(options_name):
+@pytest.mark.parametrize("threads", [None, 1], ids=["prediction", "features"])
+def test_onnx_sessions_leave_the_callers_floating_point_alone(threads):
     """catdog runs ONNX Runtime inside the user's process (the Python API, serve, tests): building and running a
     session must not switch the calling thread to flush-denormals-to-zero, which would change every later float
-    operation of that process (numpy, Python's own floats)."""
+    operation of that process (numpy, Python's own floats). Every session (prediction's, with a thread per core;
+    frozen-feature extraction's, with torch's thread count) takes its settings from `inference.session_options`."""
     import io
 
-    from catdog.features import onnx_session_options
+    from catdog.inference import session_options
 
-    options = export_module.prediction_session_options() if options_name == "prediction" else onnx_session_options()
+    options = session_options(threads)
+    assert options.intra_op_num_threads >= 1 and (threads is None or options.intra_op_num_threads == threads)
     buffer = io.BytesIO()
     torch.onnx.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), torch.zeros(1, 3, 8, 8), buffer,
                       dynamo=False)
