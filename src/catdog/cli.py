@@ -42,7 +42,8 @@ def _command_predict(arguments) -> int:
         from catdog.backends import run_predict_across_ranks  # the training layer, installed (checked above)
 
         return run_predict_across_ranks(config)
-    predictor = load_predictor(config.model, config.run, config.backend, config.device, config.cache_dir or None)
+    predictor = load_predictor(config.model, config.run, config.backend, config.device, config.cache_dir or None,
+                               ood_keep=config.ood_keep)
     return run_predict(config, predictor)
 
 
@@ -189,15 +190,17 @@ def _require_the_command_extras(argv: Sequence[str]) -> None:
 
 
 def _failure_types() -> tuple[type[BaseException], ...]:
-    """The errors that mean "the job failed" (exit 1). Imported once an error is raised, not at every start, since
-    their modules import torch and Optuna."""
-    from catdog.runs import RunError
+    """The errors that mean "the job failed" (exit 1): the runtime's, and those of training-layer modules the
+    command has imported (never imported here: they need torch and Optuna, which a runtime install lacks)."""
     from catdog.data import DataError
     from catdog.images import ImageLoadError
-    from catdog.models import PretrainedWeightsUnavailable
-    from catdog.tune import StudyStorageError
+    from catdog.runs import RunError
 
-    return DataError, RunError, ImageLoadError, PretrainedWeightsUnavailable, StudyStorageError, FileNotFoundError
+    failures: list[type[BaseException]] = [DataError, RunError, ImageLoadError, FileNotFoundError]
+    for module, name in (("catdog.models", "PretrainedWeightsUnavailable"), ("catdog.tune", "StudyStorageError")):
+        if module in sys.modules:
+            failures.append(getattr(sys.modules[module], name))
+    return tuple(failures)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,10 +44,19 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        # mkstemp makes the file readable by its owner alone; a written file gets the mode any new file would
+        # (a model file mounted into a container must be readable by the server's own user).
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, destination)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _is_stream(destination: Path) -> bool:
