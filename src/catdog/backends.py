@@ -49,13 +49,12 @@ class TorchNetwork:
         return {name: values[name].float().cpu().numpy() for name in outputs}
 
 
-def load_torch_predictor(run: str | None, device: str | torch.device = "auto") -> Predictor:
+def load_torch_predictor(run: str | None, device: str | torch.device = "auto", ood_keep: float | None = None) -> Predictor:
     """A run's model (the built-in one when `run` is empty) in PyTorch on `device`."""
-    model, meta, _ = load_exportable(run)
-    network = DeployableNetwork(model)
+    network, meta, _ = load_exportable(run)
     offset = heatmap_offset(network, meta.preprocess.input_size)
     torch_device = resolve_device(device) if isinstance(device, str) else device
-    return Predictor(TorchNetwork(network, torch_device), meta, offset, run or "built-in", torch_device.type)
+    return Predictor(TorchNetwork(network, torch_device), meta, offset, run or "built-in", torch_device.type, ood_keep)
 
 
 def load_run_predictor(run: str | None, backend: str = "auto", device: str = "auto",
@@ -78,17 +77,21 @@ def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batc
         return mine
     indices: list[int] = []
     chunks: list[np.ndarray] = []
+    score_chunks: list[np.ndarray] = []
     errors: list[ImageLoadError] = []
     shares = all_gather_objects((positions, mine))
     for share_positions, outcome in shares:
         indices.extend(share_positions[i] for i in outcome.indices)
         chunks.append(outcome.probabilities)
+        if outcome.ood_scores is not None:
+            score_chunks.append(outcome.ood_scores)
         errors.extend(outcome.errors)
     order = np.argsort(indices, kind="stable")
     position_of = {str(path): i for i, path in enumerate(paths)}
     errors.sort(key=lambda error: position_of.get(error.path, len(paths)))
+    ood_scores = np.concatenate(score_chunks)[order] if mine.ood_scores is not None else None
     return PredictionOutcome([indices[i] for i in order], np.concatenate(chunks)[order], errors,
-                             max(outcome.seconds for _, outcome in shares))
+                             max(outcome.seconds for _, outcome in shares), ood_scores)
 
 
 def run_predict_across_ranks(config: PredictConfig, log: Callable[[str], None] | None = None) -> int:
@@ -102,9 +105,10 @@ def run_predict_across_ranks(config: PredictConfig, log: Callable[[str], None] |
         if config.backend == "torch" or (config.backend == "auto" and device.type == "cuda"):
             if config.model:
                 raise ValueError("--backend torch runs a run directory (--run); an exported file runs on ONNX Runtime")
-            predictor = load_torch_predictor(config.run or None, device)
+            predictor = load_torch_predictor(config.run or None, device, config.ood_keep)
         else:
-            predictor = load_model_file(config.model or exported_model_file(config.run or None, config.cache_dir or None))
+            predictor = load_model_file(config.model or exported_model_file(config.run or None, config.cache_dir or None),
+                                        ood_keep=config.ood_keep)
     main = is_main_process()
     if main:
         log(f"predicting {len(paths)} images with {predictor.describe()} in {world_size()} processes")
@@ -112,4 +116,5 @@ def run_predict_across_ranks(config: PredictConfig, log: Callable[[str], None] |
         outcome = predict_files_across_ranks(predictor, paths, config.batch_size, config.tta, bar.update)
     if not main:
         return 0  # rank 0 writes the CSVs and reports
-    return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log)
+    return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,
+                                    predictor.in_distribution(outcome.ood_scores))

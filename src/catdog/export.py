@@ -46,10 +46,15 @@ from catdog.models import (
 )
 from catdog.inference import session_options
 from catdog.predict import EXPORTED_MODEL_FILE, MODEL_FORMAT, ZERO_TRAINING_STRATEGY, load_run_model_file, weights_digest
+from catdog.ood import OOD_FILE, KnnScorer
 from catdog.runs import RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
 
 ZERO_TRAINING_BACKBONE = "efficientnet_lite0"
+# The built-in model's "neither": a photo whose ImageNet probability outside the cat and dog classes exceeds
+# 1 - exp(-threshold). A constant chosen once on the shared photos (BENCHMARKS.md, "Saying neither"), never fitted
+# at run time.
+BUILTIN_OOD_THRESHOLD = 2.0
 PARITY_TOLERANCE = 1e-4
 
 
@@ -65,15 +70,19 @@ class DeployableNetwork(nn.Module):
     score and heatmaps need. `has_class_maps` is False for networks without a convolutional map under an average
     pool (transformers, for instance); they export logits and features only."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ood_score: nn.Module | None = None):
         super().__init__()
         self.model = model.eval()
         network = model.imagenet_model if isinstance(model, ImageNetCatDogClassifier) else model.backbone
         self.has_class_maps = _average_pooled_convolutional(network)
+        # The out-of-distribution score: a run's (`ood.KnnScore` on the features), or the built-in model's own.
+        self.ood_score = ood_score
+        self.has_ood_score = ood_score is not None or isinstance(model, ImageNetCatDogClassifier)
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return ("logits", "features", "class_maps") if self.has_class_maps else ("logits", "features")
+        return (("logits", "features") + (("class_maps",) if self.has_class_maps else ())
+                + (("ood_score",) if self.has_ood_score else ()))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map [N, C, h, w] (Grad-CAM's layer)."""
@@ -86,6 +95,15 @@ class DeployableNetwork(nn.Module):
         return network.layer4(network.layer3(network.layer2(network.layer1(x))))
 
     def forward(self, images: torch.Tensor):
+        outputs = self._class_outputs(images)
+        if self.ood_score is not None:
+            outputs += (self.ood_score(outputs[1]),)
+        elif self.has_ood_score:  # the built-in model: -log of the probability ImageNet gives the pet classes
+            outputs += (-torch.logsumexp(outputs[0], dim=1),)
+        return outputs
+
+    def _class_outputs(self, images: torch.Tensor):
+        """(logits, features) and, where the network allows, class_maps."""
         if not self.has_class_maps:
             features = self.model.backbone(images)
             return self.model.head(features), features
@@ -221,29 +239,31 @@ def model_file_metadata(meta: RunMeta, offset: tuple[float, float], weights_sha1
 def builtin_model() -> tuple[nn.Module, RunMeta]:
     """The zero-training cat/dog model (ImageNet classes summed) and its metadata."""
     model, preprocess = create_zero_training_model(ZERO_TRAINING_BACKBONE)
-    return model, RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, ZERO_TRAINING_STRATEGY)
+    return model, RunMeta(ZERO_TRAINING_MODEL_NAME, ["cat", "dog"], preprocess, 1.0, ZERO_TRAINING_STRATEGY,
+                          ood_method="imagenet", ood_threshold=BUILTIN_OOD_THRESHOLD)
 
 
-def load_exportable(run: str | None) -> tuple[nn.Module, RunMeta, str]:
-    """(model, metadata, weights digest) of a run, or of the built-in model when `run` is empty."""
+def load_exportable(run: str | None) -> tuple[DeployableNetwork, RunMeta, str]:
+    """(network as exported, metadata, weights digest) of a run, or of the built-in model when `run` is empty."""
     if not run:
         model, meta = builtin_model()
-        return model, meta, ""
+        return DeployableNetwork(model), meta, ""
     model, meta = load_model(run)
-    return model, meta, weights_digest(run)
+    scorer = KnnScorer.load(Path(run) / OOD_FILE) if meta.ood_method == "knn" and (Path(run) / OOD_FILE).is_file() else None
+    return DeployableNetwork(model, scorer.module() if scorer else None), meta, weights_digest(run)
 
 
-def write_model_file(model: nn.Module, meta: RunMeta, out: Path, weights_sha1: str = "",
+def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weights_sha1: str = "",
                      parity_images: torch.Tensor | None = None) -> float:
-    """Export `model` to `out` (atomically) and check its probabilities against PyTorch's; return the largest
-    difference. Nothing is left at `out` when the check fails."""
+    """Export `network` to `out` (atomically) and check its probabilities (and out-of-distribution scores) against
+    PyTorch's; return the largest probability difference. Nothing is left at `out` when a check fails."""
     import onnxruntime  # the parity check runs the file as predict will
 
-    network = DeployableNetwork(model)
     offset = heatmap_offset(network, meta.preprocess.input_size)
     batch = parity_images if parity_images is not None else random_images(meta.preprocess.input_size, 4)
     with torch.inference_mode():
-        reference = torch.softmax(network(batch)[0].float() / meta.temperature, dim=1).numpy()
+        reference_outputs = dict(zip(network.output_names, network(batch)))
+    reference = torch.softmax(reference_outputs["logits"].float() / meta.temperature, dim=1).numpy()
     staging = out.with_name(f".{out.name}.staging")
     try:
         export_onnx_module(network, staging, meta.preprocess.input_size, network.output_names,
@@ -253,6 +273,9 @@ def write_model_file(model: nn.Module, meta: RunMeta, out: Path, weights_sha1: s
             raise ExportParityError("class names did not survive the export")
         (logits,) = session.run(["logits"], {"images": batch.numpy()})
         difference = check_parity(reference, softmax_numpy(logits / meta.temperature), f"ONNX export of {meta.model_name}")
+        if network.has_ood_score:
+            (scores,) = session.run(["ood_score"], {"images": batch.numpy()})
+            check_parity(reference_outputs["ood_score"].numpy(), scores, f"ONNX export of {meta.model_name}'s out-of-distribution score")
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(out)
     finally:
@@ -311,8 +334,8 @@ def exported_model_file(run: str | None, cache_dir: str | os.PathLike | None = N
         digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-torch{torch.__version__}-catdog{__version__}.onnx"
     path = Path(cache_dir or default_cache_dir()) / "models" / name
     if not path.is_file():
-        model, meta, digest = load_exportable(run)
-        write_model_file(model, meta, path, digest)
+        network, meta, digest = load_exportable(run)
+        write_model_file(network, meta, path, digest)
     return path
 
 
@@ -338,14 +361,14 @@ class ExportConfig:
 
 def run_export(config: ExportConfig, log=print) -> Path:
     run_dir = Path(config.run) if config.run else None
-    model, meta, digest = load_exportable(config.run)
+    network, meta, digest = load_exportable(config.run)
     suffix = ".onnx" if config.format == "onnx" else ".torchscript.pt"
     out = Path(config.out) if config.out else (run_dir / f"model{suffix}" if run_dir else Path(f"catdog-builtin{suffix}"))
     batch = parity_batch(run_dir, meta.preprocess, config.parity_images)
     if config.format == "onnx":
-        difference = write_model_file(model, meta, out, digest, batch)
+        difference = write_model_file(network, meta, out, digest, batch)
     else:
-        difference = write_torchscript(model, meta, out, batch)
+        difference = write_torchscript(network.model, meta, out, batch)
     log(f"exported {out} ({config.format}); parity on {len(batch)} images: max |dp| = {difference:.2e}")
     return out
 

@@ -49,7 +49,8 @@ def _cuda_available() -> bool:
 
 
 def load_predictor(model: str = "", run: str = "", backend: str = "auto", device: str = "auto",
-                   cache_dir: str | os.PathLike | None = None, threads: int | None = None) -> Predictor:
+                   cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                   ood_keep: float | None = None) -> Predictor:
     """The predictor of `--model` / `--run` / the built-in model, on ONNX Runtime or (see `wants_torch`) PyTorch."""
     if wants_torch(backend, device):
         if model:
@@ -57,5 +58,5 @@ def load_predictor(model: str = "", run: str = "", backend: str = "auto", device
         require_extra("train", what="--backend torch")
         from catdog.backends import load_torch_predictor  # the training layer, installed (checked above)
 
-        return load_torch_predictor(run or None, device)
-    return load_model_file(model_file_for(model, run, cache_dir), threads, device)
+        return load_torch_predictor(run or None, device, ood_keep)
+    return load_model_file(model_file_for(model, run, cache_dir), threads, device, ood_keep)

@@ -30,7 +30,7 @@ from catdog.config import option
 from catdog.data import DataError, broken_link_problem, describe_left_out, find_image_files
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, load_image
-from catdog.probabilities import softmax
+from catdog.probabilities import softmax, threshold_keeping
 from catdog.progress import progress_bar
 from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
@@ -60,13 +60,14 @@ class PredictionOutcome:
     probabilities: np.ndarray  # [len(indices), classes]
     errors: list[ImageLoadError]
     seconds: float
+    ood_scores: np.ndarray | None = None  # [len(indices)]; None when the model has no out-of-distribution score
 
 
 class Predictor:
     """A network ready to classify photos as its run was validated: preprocessing, temperature, mirror view."""
 
     def __init__(self, network: Network, meta: RunMeta, heatmap_offset: tuple[float, float] = (0.0, 0.0),
-                 source: str = "", device: str = "cpu"):
+                 source: str = "", device: str = "cpu", ood_keep: float | None = None):
         self.network = network
         self.meta = meta
         self.class_names = list(meta.class_names)
@@ -76,6 +77,12 @@ class Predictor:
         self.heatmap_offset = heatmap_offset  # (rows, columns) in input pixels; see `export.heatmap_offset`
         self.source = source  # the model file (or run) it came from, for messages
         self.device = device
+        self.ood_threshold = meta.ood_threshold
+        if ood_keep is not None:  # another share of the validation photos than training chose
+            if not meta.ood_validation_scores:
+                raise ValueError(f"{source or meta.model_name}: --ood-keep needs the validation scores of a run "
+                                 "trained by catdog >= 0.5 (the built-in model's threshold is fixed)")
+            self.ood_threshold = threshold_keeping(meta.ood_validation_scores, ood_keep)
 
     @property
     def backend(self) -> str:
@@ -92,6 +99,15 @@ class Predictor:
     @property
     def has_heatmaps(self) -> bool:
         return "class_maps" in self.network.outputs
+
+    @property
+    def has_ood_score(self) -> bool:
+        """Whether this model says "neither" (runs trained before catdog 0.5 do not)."""
+        return "ood_score" in self.network.outputs and self.ood_threshold is not None
+
+    def in_distribution(self, ood_scores: np.ndarray | None) -> np.ndarray | None:
+        """True where a photo is like the training photos (score at or below the threshold)."""
+        return None if ood_scores is None else np.asarray(ood_scores) <= self.ood_threshold
 
     def describe(self) -> str:
         if self.is_zero_training:
@@ -116,15 +132,22 @@ class Predictor:
             return np.ones(count, dtype=bool)
         return first_view_probabilities.max(axis=1) < self.meta.mirror_below
 
-    def probabilities(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
-        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S] (see `uses_mirror_view`)."""
-        logits = self.logits(images)
+    def predict_batch(self, images: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated class probabilities [N, classes] for a preprocessed batch [N, 3, S, S] (see
+        `uses_mirror_view`), and each photo's out-of-distribution score [N] (None without one), from its first view:
+        the score compares a photo with the training photos as they are, not mirrored."""
+        outputs = self.network.run(images, ("logits", "ood_score") if self.has_ood_score else ("logits",))
+        logits, ood_scores = outputs["logits"], outputs.get("ood_score")
         probabilities = softmax(logits / self.temperature)
         mirrored = np.flatnonzero(self.uses_mirror_view(probabilities, tta)) if len(logits) else []
         if not len(mirrored):
-            return probabilities
+            return probabilities, ood_scores
         logits[mirrored] = (logits[mirrored] + self.logits(images[mirrored][..., ::-1])) / 2
-        return softmax(logits / self.temperature)
+        return softmax(logits / self.temperature), ood_scores
+
+    def probabilities(self, images: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Calibrated class probabilities for a preprocessed batch [N, 3, S, S] (see `uses_mirror_view`)."""
+        return self.predict_batch(images, tta)[0]
 
     def predict_pil(self, images: Sequence[Image.Image], tta: bool | None = None) -> np.ndarray:
         return self.probabilities(np.stack([self.transform(image) for image in images]), tta)
@@ -144,17 +167,24 @@ class Predictor:
         decode_threads = decode_threads or (1 if self.device == "cpu" else min(8, os.cpu_count() or 1))
         indices: list[int] = []
         chunks: list[np.ndarray] = []
+        score_chunks: list[np.ndarray] = []
         errors: list[ImageLoadError] = []
         for images, batch_indices, batch_errors in decoded_batches(paths, self.transform, self.preprocess.resize_size,
                                                                    batch_size, decode_threads):
             errors.extend(batch_errors)
             if len(batch_indices):
-                chunks.append(self.probabilities(images, tta))
+                probabilities, ood_scores = self.predict_batch(images, tta)
+                chunks.append(probabilities)
+                if ood_scores is not None:
+                    score_chunks.append(ood_scores)
                 indices.extend(batch_indices)
             if progress:
                 progress(len(batch_indices) + len(batch_errors))
         probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)))
-        return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started)
+        ood_scores = None
+        if self.has_ood_score:
+            ood_scores = np.concatenate(score_chunks) if score_chunks else np.zeros(0, dtype=np.float32)
+        return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started, ood_scores)
 
 
 # ---------------------------------------------------------------- exported model files
@@ -174,8 +204,10 @@ def model_file_metadata(metadata: dict[str, str], path: str | os.PathLike) -> tu
     return meta, (offset[0], offset[1])
 
 
-def load_model_file(path: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> Predictor:
-    """A predictor of an exported ONNX file (`catdog export`), on ONNX Runtime."""
+def load_model_file(path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
+                    ood_keep: float | None = None) -> Predictor:
+    """A predictor of an exported ONNX file (`catdog export`), on ONNX Runtime; `ood_keep` moves its
+    out-of-distribution threshold to keep that share of the run's validation photos."""
     from catdog.inference import OnnxNetwork
 
     check_not_pickle(path)
@@ -189,7 +221,7 @@ def load_model_file(path: str | os.PathLike, threads: int | None = None, device:
     except Exception as error:  # onnxruntime raises its own error types for files it cannot read
         raise RunError(f"{path}: not a readable ONNX model ({str(error).splitlines()[0][:200]})") from error
     meta, offset = model_file_metadata(network.metadata, path)
-    return Predictor(network, meta, offset, str(path), network.device)
+    return Predictor(network, meta, offset, str(path), network.device, ood_keep)
 
 
 def weights_digest(run: str | os.PathLike) -> str:
@@ -201,14 +233,15 @@ def weights_digest(run: str | os.PathLike) -> str:
         raise RunError(f"{path}: cannot read the weights ({error})") from error
 
 
-def load_run_model_file(run: str | os.PathLike, threads: int | None = None, device: str = "cpu") -> Predictor | None:
+def load_run_model_file(run: str | os.PathLike, threads: int | None = None, device: str = "cpu",
+                        ood_keep: float | None = None) -> Predictor | None:
     """The predictor of a run's own exported file (`<run>/model.onnx`, written by `catdog export --run RUN`) when
     it was exported from the run's current weights; None when there is none or it is stale."""
     check_not_pickle(run)
     path = Path(run) / EXPORTED_MODEL_FILE
     if not path.is_file():
         return None
-    predictor = load_model_file(path, threads, device)
+    predictor = load_model_file(path, threads, device, ood_keep)
     recorded = predictor.network.metadata.get("weights_sha1")
     if (Path(run) / MODEL_FILE).is_file() and recorded != weights_digest(run):
         return None
@@ -262,6 +295,7 @@ class PredictConfig:
     errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv (none with --output -)")
     clip: float = option(0.005, "submission: clip probabilities to [clip, 1 - clip] (bounds the log-loss penalty)")
     tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
+    ood_keep: float | None = option(None, "say \"neither\" above the out-of-distribution score that keeps this share of the run's validation photos; default: the run's threshold (99%)")
     backend: str = option("auto", "auto (ONNX Runtime; PyTorch on a CUDA machine with catdog[train]), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
     batch_size: int = option(0, "images per inference batch; 0: the backend's best (1 for ONNX Runtime on a CPU, 64 otherwise)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -277,6 +311,8 @@ class PredictConfig:
             raise ValueError("--clip must be in [0, 0.5)")
         if self.batch_size < 0:
             raise ValueError("--batch-size must be 0 (automatic) or more")
+        if self.ood_keep is not None and not 0.0 < self.ood_keep <= 1.0:
+            raise ValueError("--ood-keep must be in (0, 1]")
 
 
 # Left out without a word: a folder's hidden files and non-image names are not meant as input.
@@ -333,17 +369,20 @@ def run_predict(config: PredictConfig, predictor: Predictor, log: Callable[[str]
     log(f"predicting {len(paths)} images with {predictor.describe()}")
     with progress_bar(config.progress, len(paths), "predict", leave=True) as bar:
         outcome = predictor.predict_files(paths, config.batch_size, config.tta, bar.update)
-    return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log)
+    return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,
+                                    predictor.in_distribution(outcome.ood_scores))
 
 
 def write_prediction_outputs(config: PredictConfig, paths: Sequence[Path], left_out: list[tuple[str, str]],
-                             class_names: list[str], outcome: PredictionOutcome, log: Callable[[str], None]) -> int:
-    """The CSV, the terminal lines, the submission and the errors file; return the exit code."""
+                             class_names: list[str], outcome: PredictionOutcome, log: Callable[[str], None],
+                             in_distribution: np.ndarray | None = None) -> int:
+    """The CSV, the terminal lines, the submission and the errors file; return the exit code. `in_distribution`:
+    the out-of-distribution decision per predicted file (None: the model has no score)."""
     to_stdout = config.output == "-"
-    header, rows = prediction_rows(paths, outcome, class_names)
+    header, rows = prediction_rows(paths, outcome, class_names, in_distribution)
     write_predictions(config.output, header, rows)
     if not to_stdout and len(paths) <= PRINT_EACH_FILE_UP_TO:
-        print_predictions(rows)
+        print_predictions(header, rows)
     if config.submission:
         write_submission(config.submission, [paths[i] for i in outcome.indices], outcome.probabilities, class_names, config.clip)
     failures = [(e.path, e.reason, e.detail) for e in outcome.errors] + [
@@ -355,7 +394,9 @@ def write_prediction_outputs(config: PredictConfig, paths: Sequence[Path], left_
         for path, reason, detail in failures:
             print(f"error: {path}: {reason}" + (f" ({detail})" if detail else ""), file=sys.stderr)
     rate = len(paths) / max(outcome.seconds, 1e-9)
+    neither = "" if in_distribution is None else f"; {int((~in_distribution).sum())} unlike the training photos (neither)"
     log(f"wrote {len(rows)} predictions to {'standard output' if to_stdout else config.output} ({rate:.1f} images/s)"
+        + neither
         + (f"; submission {config.submission}" if config.submission else "")
         + (f"; {len(failures)} failed" + (f", listed in {errors_path}" if errors_path else "") if failures else ""))
     return EXIT_SOME_FILES_FAILED if failures else 0
@@ -375,13 +416,21 @@ def gpu_driver_present() -> bool:
     return any(Path(path).exists() for path in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
 
 
-def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_names: list[str]) -> tuple[list[str], list[list[str]]]:
-    """The CSV's header and one row per predicted file: path, label, confidence, then each class's probability."""
+def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_names: list[str],
+                    in_distribution: np.ndarray | None = None) -> tuple[list[str], list[list[str]]]:
+    """The CSV's header and one row per predicted file: path, label (the most probable class, also for a photo
+    that is neither: the nearest class), confidence, each class's probability, and with an out-of-distribution
+    score `ood_score` and `in_distribution` (true/false)."""
     header = ["path", "label", "confidence"] + [f"prob_{name}" for name in class_names]
+    if in_distribution is not None:
+        header += ["ood_score", "in_distribution"]
     rows = []
-    for index, probabilities in zip(outcome.indices, outcome.probabilities):
+    for position, (index, probabilities) in enumerate(zip(outcome.indices, outcome.probabilities)):
         best = int(probabilities.argmax())
-        rows.append([str(paths[index]), class_names[best], f"{probabilities[best]:.6f}"] + [f"{p:.6f}" for p in probabilities])
+        row = [str(paths[index]), class_names[best], f"{probabilities[best]:.6f}"] + [f"{p:.6f}" for p in probabilities]
+        if in_distribution is not None:
+            row += [f"{outcome.ood_scores[position]:.6f}", "true" if in_distribution[position] else "false"]
+        rows.append(row)
     return header, rows
 
 
@@ -393,11 +442,17 @@ def write_predictions(output: str, header: list[str], rows: list[list[str]]) -> 
         write_csv_atomic(output, header, rows)
 
 
-def print_predictions(rows: Sequence[Sequence[str]]) -> None:
-    """One line per file for a person at the terminal: path, label, confidence, the paths aligned."""
+def print_predictions(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """One line per file for a person at the terminal: path, label, confidence, the paths aligned; a photo unlike
+    the training photos says so, with the nearest class."""
     width = max(len(row[0]) for row in rows) if rows else 0
-    for path, label, confidence, *_ in rows:
-        print(f"{path:<{width}}  {label}  {float(confidence):.3f}")
+    decision = header.index("in_distribution") if "in_distribution" in header else None
+    for row in rows:
+        path, label, confidence = row[0], row[1], float(row[2])
+        if decision is not None and row[decision] == "false":
+            print(f"{path:<{width}}  neither: unlike the training photos (nearest: {label} {confidence:.3f})")
+        else:
+            print(f"{path:<{width}}  {label}  {confidence:.3f}")
 
 
 def write_submission(path: str, paths: Sequence[Path], probabilities: np.ndarray, class_names: list[str], clip: float) -> None:

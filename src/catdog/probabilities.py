@@ -1,5 +1,5 @@
-"""From a network's outputs to the answers a user sees: temperature-scaled probabilities and the rule that decides
-which photos also get their mirror image. Runtime layer (NumPy only): `catdog.predict` applies these rules to every
+"""From a network's outputs to the answers a user sees: temperature-scaled probabilities, the rule that decides
+which photos also get their mirror image, and the out-of-distribution threshold. Runtime layer (NumPy only): `catdog.predict` applies these rules to every
 photo, and training chooses their thresholds on the validation split with the same functions, so the two can never
 disagree.
 """
@@ -52,3 +52,14 @@ def choose_mirror_threshold(view_logits: np.ndarray, labels: np.ndarray, tempera
         log(f"mirror view: only for photos below {chosen} first-view confidence ({share:.1%} of the validation photos), "
             "the accuracy and log loss of averaging every photo held on the validation split")
     return chosen
+
+
+def threshold_keeping(validation_scores, keep: float) -> float:
+    """The out-of-distribution score at or below which a share `keep` of the validation photos lies."""
+    scores = np.asarray(validation_scores, dtype=np.float64)
+    if not len(scores):
+        raise ValueError("no validation scores to choose an out-of-distribution threshold on")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"the share of validation photos to keep must be in (0, 1], got {keep}")
+    return float(np.quantile(scores, keep, method="higher"))
+

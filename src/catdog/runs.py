@@ -40,6 +40,12 @@ class RunMeta:
     mirror_below: with tta, predict adds the mirror view only for photos whose first-view confidence is below this
     (chosen on the validation split so that accuracy and log loss stay those of averaging every photo; see
     `probabilities.choose_mirror_threshold`); None: every photo gets it.
+    ood_method: how the out-of-distribution score is computed ("knn": distance to the k-th nearest training photo,
+    "imagenet": the built-in model's mass outside the cat and dog classes); empty: the run has no score.
+    ood_threshold: a photo whose score is above it is "neither" (unlike the training photos).
+    ood_keep: the share of validation photos the threshold was chosen to keep.
+    ood_validation_scores: the validation photos' scores, sorted, so a threshold for another share can be chosen
+    later (`--ood-keep`) without the training photos.
     """
 
     model_name: str
@@ -50,6 +56,10 @@ class RunMeta:
     tta: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     mirror_below: float | None = None
+    ood_method: str = ""
+    ood_threshold: float | None = None
+    ood_keep: float | None = None
+    ood_validation_scores: list[float] = field(default_factory=list)
     catdog_version: str = __version__
 
     def to_dict(self) -> dict:

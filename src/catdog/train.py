@@ -37,6 +37,7 @@ from catdog.exclusions import exclude_listed
 from catdog.files import write_csv_atomic, write_json_atomic
 from catdog.images import ImageLoadError
 from catdog.metrics import classification_metrics
+from catdog.ood import fit_out_of_distribution
 from catdog.models import create_model
 from catdog.probabilities import choose_mirror_threshold
 from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta, read_meta
@@ -118,7 +119,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
 def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess: Preprocess, strategy: str,
                 class_names: list[str], outcome, audit_skipped: list[ImageLoadError], started: float, log) -> TrainResult:
     """Calibrate on the validation logits, save the model with its metrics, list the skipped files."""
-    history, skipped, val_logits, val_labels = outcome
+    history, skipped, val_logits, val_labels, ood_features = outcome
     skipped = audit_skipped + skipped
     val_view_logits = val_logits if val_logits.dim() == 3 else None  # head strategy: [images, views, classes]
     if val_view_logits is not None:
@@ -129,9 +130,10 @@ def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess
     mirror_below = None
     if val_view_logits is not None and val_view_logits.shape[1] == 2:
         mirror_below = choose_mirror_threshold(val_view_logits.numpy(), val_labels.numpy(), temperature, log)
+    ood_threshold, ood_validation_scores = fit_out_of_distribution(*ood_features, config.ood_keep, run_dir, config.seed, log)
     meta = RunMeta(config.model, class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
                    {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics},
-                   mirror_below)
+                   mirror_below, "knn", ood_threshold, config.ood_keep, ood_validation_scores)
     save_model(run_dir, model, meta)
     if skipped:
         write_csv_atomic(run_dir / "skipped_files.csv", ["path", "reason", "detail"],

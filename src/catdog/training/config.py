@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
+    ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/ood.py)")
     exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError("label_smoothing must be in [0, 1)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be between 0 and 1")
+        if not 0.0 < self.ood_keep <= 1.0:
+            raise ValueError("ood_keep must be in (0, 1]")
 
 
 def resolve_preprocess(config: TrainConfig, strategy: str) -> Preprocess:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from timm.utils.distributed import distribute_bn
@@ -36,6 +37,7 @@ from catdog.distributed import (
 )
 from catdog.images import ImageLoadError
 from catdog.models import Classifier
+from catdog.ood import KNN_BANK_SIZE
 from catdog.progress import progress_bar
 from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
 from catdog.training.config import TrainConfig
@@ -87,7 +89,8 @@ def augmentation_of_strength(strength: float) -> Augmentation:
 
 def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
              val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
-    """Train `model` in place; return (history, skipped files, validation logits, validation labels).
+    """Train `model` in place; return (history, skipped files, validation logits, validation labels, (training
+    and validation features for the out-of-distribution score)).
 
     Under torchrun every rank runs this with the same arguments: DistributedDataParallel averages the gradients,
     `GlobalBatchSampler` (a DistributedSampler) gives each rank its slice of every global batch, validation is
@@ -187,8 +190,28 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     model.load_state_dict(best.state_dict())
     val_logits, val_labels, errors = gather_validation_logits(model, val_loader, val_positions, device, amp_dtype)
     skipped.update({error.path: error for error in errors})
+    ood_features = out_of_distribution_features(model, train_images, val_loader, val_positions, preprocess, device,
+                                                amp_dtype, config.seed, options)
     model.cpu()
-    return tracker.history, list(skipped.values()), val_logits, val_labels
+    return tracker.history, list(skipped.values()), val_logits, val_labels, ood_features
+
+
+def out_of_distribution_features(model: Classifier, train_images: LabelledImages, val_loader: DataLoader,
+                                 val_positions: list[int], preprocess: Preprocess, device: torch.device,
+                                 amp_dtype: torch.dtype | None, seed: int, options: dict) -> tuple:
+    """The fine-tuned backbone's features (the vector its head sees) of a seeded sample of training photos, as
+    many as the out-of-distribution bank keeps, and of every validation photo: one pass without augmentation,
+    shared among the ranks like validation."""
+    chosen = np.arange(len(train_images))
+    if len(chosen) > KNN_BANK_SIZE:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(chosen), KNN_BANK_SIZE, replace=False))
+    positions = [int(chosen[i]) for i in shard_indices(len(chosen))]
+    dataset = ImageFileDataset([train_images.paths[i] for i in positions], [train_images.labels[i] for i in positions],
+                               eval_transform(preprocess), preprocess.resize_size)
+    loader = DataLoader(dataset, batch_size=val_loader.batch_size, **options)
+    train_features, _, _ = gather_validation_logits(model.backbone, loader, positions, device, amp_dtype)
+    val_features, _, _ = gather_validation_logits(model.backbone, val_loader, val_positions, device, amp_dtype)
+    return train_features.numpy(), val_features.numpy()
 
 
 class GlobalBatchSampler(DistributedSampler):

@@ -149,7 +149,7 @@ def extract_features_across_ranks(paths: list[Path], backbone: Callable[[], nn.M
 def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
                val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
     """Train `model.head` on cached features; return (history, skipped files, validation logits, validation
-    labels). Under torchrun all ranks extract features, then rank 0 alone trains (seconds) and the others return
+    labels, (training and validation features for the out-of-distribution score)). Under torchrun all ranks extract features, then rank 0 alone trains (seconds) and the others return
     None."""
     # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
     extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
@@ -198,4 +198,7 @@ def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, t
         # Each view's logits, [images, views, classes]: train validates on their mean, and chooses on them which
         # photos predict gives the mirror view (`probabilities.choose_mirror_threshold`).
         val_view_logits = head(val_features)
-    return tracker.history, skipped, val_view_logits, val_labels
+    # The out-of-distribution score compares a photo's first view with the training photos' first views.
+    views = len(val_features[0]) if len(val_features) else 1
+    ood_features = (train_samples[::views].numpy(), val_features[:, 0].numpy())
+    return tracker.history, skipped, val_view_logits, val_labels, ood_features

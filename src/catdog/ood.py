@@ -1,0 +1,107 @@
+"""Saying "neither": how unlike its training photos a photo is. Training layer (torch, NumPy).
+
+A trained run scores a photo by its distance to the k-th nearest training photo in the network's own feature
+space (the pooled vector the head sees, L2-normalised): the deep nearest-neighbour score of Sun et al., "Out-of-
+Distribution Detection with Deep Nearest Neighbors" (ICML 2022). It needs no examples of "other" photos and no
+class names, so it works for any labelled folder, and a frozen ImageNet backbone's features separate photos of the
+training kind from people, objects and scenes by a wide margin. The bank of training vectors ships inside the
+exported file (`export.DeployableNetwork` computes the score in its graph), so the file alone gives the score.
+
+The threshold is chosen on the validation split, which the bank never contains: the score below which a share
+`keep` of the validation photos falls (99% by default: refusing a real pet photo costs more than letting a rare
+stranger through). The validation scores are stored with the run, so predict and serve can move the threshold to
+another share (`--ood-keep`) without the training photos.
+
+The built-in zero-training model has no training photos; its score is ImageNet's own: the probability mass its
+1000 classes put outside the cat and dog classes (`export._cat_dog_logits_and_jacobian`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from torch import nn
+
+from catdog.files import atomic_path
+from catdog.probabilities import threshold_keeping
+
+OOD_FILE = "ood.safetensors"
+KNN_NEIGHBOUR = 10  # the k-th nearest training photo (see BENCHMARKS.md, "Saying neither")
+KNN_BANK_SIZE = 2000  # training vectors kept in the bank at most (a seeded sample): about 5.6 MB as float16 at 1408 dims
+DEFAULT_KEEP = 0.99
+
+
+def normalised(features: np.ndarray) -> np.ndarray:
+    return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclass
+class KnnScorer:
+    """The bank (L2-normalised training vectors [M, D], float16) and k. score = 1 - cosine similarity to the k-th
+    nearest vector of the bank (half the squared distance between unit vectors): 0 for a photo like a training
+    photo, up to 2."""
+
+    bank: np.ndarray
+    k: int
+
+    @classmethod
+    def fit(cls, train_features: np.ndarray, k: int = KNN_NEIGHBOUR, bank_size: int = KNN_BANK_SIZE, seed: int = 0) -> "KnnScorer":
+        chosen = np.arange(len(train_features))
+        if len(chosen) > bank_size:
+            chosen = np.sort(np.random.default_rng(seed).choice(len(chosen), bank_size, replace=False))
+        bank = normalised(train_features[chosen].astype(np.float32)).astype(np.float16)
+        return cls(bank, max(1, min(k, len(bank))))
+
+    def scores(self, features: np.ndarray, batch: int = 1024) -> np.ndarray:
+        """The score of each row of `features` [N, D], computed as the exported graph does."""
+        bank = self.bank.astype(np.float32)
+        out = []
+        for start in range(0, len(features), batch):
+            similarity = normalised(features[start:start + batch].astype(np.float32)) @ bank.T
+            out.append(1.0 - np.partition(similarity, -self.k, axis=1)[:, -self.k])
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def module(self) -> "KnnScore":
+        return KnnScore(torch.from_numpy(self.bank), self.k)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as temporary:
+            save_file({"bank": self.bank}, str(temporary), metadata={"method": "knn", "k": str(self.k)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KnnScorer":
+        with safe_open(str(path), framework="numpy") as handle:
+            return cls(handle.get_tensor("bank"), int(handle.metadata()["k"]))
+
+
+class KnnScore(nn.Module):
+    """The k-th nearest neighbour score in the graph: features [N, D] -> score [N]."""
+
+    def __init__(self, bank: torch.Tensor, k: int):
+        super().__init__()
+        self.register_buffer("bank", bank.to(torch.float16))  # half the file size; computed in float32
+        self.k = k
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        similarity = unit @ self.bank.float().t()
+        return 1.0 - similarity.topk(self.k, dim=1).values[:, -1]
+
+
+def fit_out_of_distribution(train_features: np.ndarray, val_features: np.ndarray, keep: float, run_dir: Path,
+                            seed: int = 0, log=print) -> tuple[float, list[float]]:
+    """Fit the scorer on the training vectors, save it in the run (`ood.safetensors`), score the validation photos
+    and return (threshold keeping `keep` of them, their sorted scores rounded for meta.json)."""
+    scorer = KnnScorer.fit(train_features, seed=seed)
+    scorer.save(run_dir / OOD_FILE)
+    validation_scores = np.sort(scorer.scores(val_features))
+    threshold = threshold_keeping(validation_scores, keep)
+    log(f"out-of-distribution: {len(scorer.bank)}-photo bank, k={scorer.k}; threshold {threshold:.4f} keeps "
+        f"{(validation_scores <= threshold).mean():.1%} of the validation photos")
+    return threshold, [round(float(score), 6) for score in validation_scores]
