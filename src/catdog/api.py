@@ -157,12 +157,16 @@ def tune(data: str | os.PathLike, *, log: Log = print, **options: Any) -> dict[s
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's prediction. path: the file, or None for an in-memory image without a file name."""
+    """One image's prediction. path: the file, or None for an in-memory image without a file name.
+    in_distribution: False when the photo is unlike the training photos ("neither"; `label` is then only the
+    nearest class). ood_score: how unlike (None for a model without a score)."""
 
     path: str | None
     label: str
     confidence: float
     probabilities: dict[str, float]
+    in_distribution: bool = True
+    ood_score: float | None = None
 
 
 ImageInput = Union[str, os.PathLike, "Image.Image"]
@@ -197,6 +201,7 @@ class Model:
         a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run
         was validated.
         """
+        import numpy as np
         from PIL import Image
 
         from catdog.data import DataError, describe_left_out
@@ -232,7 +237,8 @@ class Model:
         by_file: dict[int, Any] = {}
         if files:
             outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta)
-            by_file = dict(zip(outcome.indices, outcome.probabilities))
+            scores = outcome.ood_scores if outcome.ood_scores is not None else [None] * len(outcome.indices)
+            by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores)))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
         refuse_unless_skipping(problems)
         if problems:
@@ -240,20 +246,23 @@ class Model:
             warnings.warn(f"skipped {len(problems)} unusable input(s): {listing}", stacklevel=2)
         by_picture = []
         for start in range(0, len(pictures), batch_size):
-            batch = [to_rgb(picture) for picture in pictures[start:start + batch_size]]
-            by_picture.extend(self.predictor.predict_pil(batch, tta))
+            batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + batch_size]])
+            probabilities, scores = self.predictor.predict_batch(batch, tta)
+            by_picture.extend(zip(probabilities, scores if scores is not None else [None] * len(probabilities)))
 
         predictions = []
         for kind, position in order:
             if kind == "file":
                 if position not in by_file:
                     continue  # unreadable, reported above
-                path, probabilities = str(files[position]), by_file[position]
+                path, (probabilities, score) = str(files[position]), by_file[position]
             else:
-                path, probabilities = getattr(pictures[position], "filename", "") or None, by_picture[position]
+                path, (probabilities, score) = getattr(pictures[position], "filename", "") or None, by_picture[position]
             best = int(probabilities.argmax())
+            in_distribution = score is None or bool(self.predictor.in_distribution(score))
             predictions.append(Prediction(path, self.class_names[best], float(probabilities[best]),
-                                          {name: float(p) for name, p in zip(self.class_names, probabilities)}))
+                                          {name: float(p) for name, p in zip(self.class_names, probabilities)},
+                                          in_distribution, None if score is None else float(score)))
         return predictions
 
     def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None) -> "Explanation":

@@ -52,6 +52,8 @@ class Explanation:
     probabilities: np.ndarray
     heatmap: np.ndarray
     photo: Image.Image
+    ood_score: float | None = None  # how unlike the training photos (None: the model has no score)
+    in_distribution: bool = True  # False: "neither"; `label` is then only the nearest class
 
     @property
     def label(self) -> str:
@@ -80,8 +82,9 @@ def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = N
                        "output); export it again with `catdog export` (networks without a pooled convolutional map, "
                        "such as vision transformers, have none)")
     image = predictor.transform(photo)[None]
-    outputs = predictor.network.run(image, ("logits", "class_maps"))
+    outputs = predictor.network.run(image, ("logits", "class_maps") + (("ood_score",) if predictor.has_ood_score else ()))
     logits, maps = outputs["logits"][0], outputs["class_maps"][0]
+    ood_score = float(outputs["ood_score"][0]) if "ood_score" in outputs else None
     if predictor.uses_mirror_view(softmax(logits[None] / predictor.temperature), tta)[0]:
         mirrored = predictor.network.run(np.ascontiguousarray(image[..., ::-1]), ("logits", "class_maps"))
         logits = (logits + mirrored["logits"][0]) / 2
@@ -94,7 +97,8 @@ def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = N
     offset_rows, offset_columns = predictor.heatmap_offset
     shift_x, shift_y = offset_columns * (right - left) / size, offset_rows * (bottom - top) / size
     heatmap = place_on_photo(crop_map, (left + shift_x, top + shift_y, right + shift_x, bottom + shift_y), photo.size)
-    return Explanation(predictor.class_names, probabilities, heatmap, photo)
+    in_distribution = ood_score is None or bool(predictor.in_distribution(ood_score))
+    return Explanation(predictor.class_names, probabilities, heatmap, photo, ood_score, in_distribution)
 
 
 def place_on_photo(crop_map: np.ndarray, box: tuple[float, float, float, float], photo_size: tuple[int, int]) -> np.ndarray:

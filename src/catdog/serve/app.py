@@ -54,6 +54,7 @@ class ServeConfig:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (larger: 413)")
     decode_threads: int = option(2, "threads decoding uploads")
     tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
+    ood_keep: float | None = option(None, "say \"neither\" above the out-of-distribution score that keeps this share of the run's validation photos; default: the run's threshold (99%)")
     workers: int = option(1, "server processes on the one port, each with its own model (uvicorn's workers); "
                              "on a bigger machine: cores / threads per worker")
     threads: int = option(0, "inference threads per worker; 0: all cores with one worker, else the cores shared out")
@@ -111,10 +112,14 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loaded = predictor or await asyncio.to_thread(load_model_file, config.model, config.inference_threads, config.device)
+        loaded = predictor or await asyncio.to_thread(load_model_file, config.model, config.inference_threads, config.device,
+                                                      config.ood_keep)
 
-        def predict_batch(images: np.ndarray):
-            return loaded.probabilities(images, tta=config.tta)
+        def predict_batch(images: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+            """(probabilities, out-of-distribution score or None) per image."""
+            probabilities, ood_scores = loaded.predict_batch(images, tta=config.tta)
+            scores = [None] * len(probabilities) if ood_scores is None else [float(score) for score in ood_scores]
+            return list(zip(probabilities, scores))
 
         batcher = MicroBatcher(predict_batch, config.max_batch_size, config.max_wait_ms, config.max_queue, metrics)
         state = ServiceState(config, loaded, batcher, ThreadPoolExecutor(config.decode_threads, thread_name_prefix="catdog-decode"), metrics)

@@ -19,3 +19,7 @@ class ServiceMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.queue_depth = Gauge("catdog_queue_depth", "images waiting for inference", registry=self.registry)
         self.images = Counter("catdog_images_total", "images classified", registry=self.registry)
+        # A drift signal: the share of uploads unlike the training photos, watched over time.
+        self.out_of_distribution = Counter("catdog_out_of_distribution_total",
+                                           "answers that said neither: the photo is unlike the training photos",
+                                           registry=self.registry)

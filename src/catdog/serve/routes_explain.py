@@ -19,6 +19,7 @@ from catdog.serve.routes_predict import (
     MULTIPART_OVERHEAD,
     UPLOAD_DOC,
     RequestProblem,
+    answer,
     decode_image,
     not_ready,
     problem_response,
@@ -54,14 +55,6 @@ async def explain(request: Request):
     except RequestProblem as problem:
         return problem_response(problem)
     finished = time.perf_counter()
-    predictor = service.predictor
-    return {
-        "label": explanation.label,
-        "confidence": round(explanation.confidence, 6),
-        "probabilities": {name: round(float(p), 6) for name, p in zip(explanation.class_names, explanation.probabilities)},
-        "model": predictor.model_name,
-        "zero_training": predictor.is_zero_training,
-        "timing_ms": {"decode": round(1000 * (decoded - started), 2), "inference": round(1000 * (finished - decoded), 2),
-                      "total": round(1000 * (finished - started), 2)},
-        "overlay_png": base64.b64encode(overlay).decode("ascii"),
-    }
+    seconds = {"decode": decoded - started, "inference": finished - decoded, "total": finished - started}
+    return {**answer(service, explanation.probabilities, explanation.ood_score, seconds),
+            "overlay_png": base64.b64encode(overlay).decode("ascii")}

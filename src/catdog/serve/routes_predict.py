@@ -102,20 +102,30 @@ async def classify(service, name: str, data: bytes) -> dict:
     tensor = await loop.run_in_executor(service.decoder, decode, service, name, data)
     decoded = time.perf_counter()
     try:
-        probabilities = await service.batcher.submit(tensor)
+        probabilities, ood_score = await service.batcher.submit(tensor)
     except Overloaded as error:
         raise RequestProblem(503, "overloaded", str(error)) from error
     finished = time.perf_counter()
+    return answer(service, probabilities, ood_score, {"decode": decoded - started, "inference": finished - decoded,
+                                                      "total": finished - started})
+
+
+def answer(service, probabilities, ood_score: float | None, seconds: dict[str, float]) -> dict:
+    """The JSON of one classified image (`schemas.Prediction`); counts the answers that said neither."""
     predictor = service.predictor
     best = int(probabilities.argmax())
+    in_distribution = ood_score is None or bool(predictor.in_distribution(ood_score))
+    if not in_distribution:
+        service.metrics.out_of_distribution.inc()
     return {
         "label": predictor.class_names[best],
         "confidence": round(float(probabilities[best]), 6),
         "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.class_names, probabilities)},
+        "in_distribution": in_distribution,
+        "ood_score": None if ood_score is None else round(float(ood_score), 6),
         "model": predictor.model_name,
         "zero_training": predictor.is_zero_training,
-        "timing_ms": {"decode": round(1000 * (decoded - started), 2), "inference": round(1000 * (finished - decoded), 2),
-                      "total": round(1000 * (finished - started), 2)},
+        "timing_ms": {name: round(1000 * value, 2) for name, value in seconds.items()},
     }
 
 

@@ -33,6 +33,12 @@ class Prediction(BaseModel):
     label: str = Field(description="the most probable class")
     confidence: float = Field(ge=0, le=1, description="the probability of `label`")
     probabilities: dict[str, float] = Field(description="probability per class name (they sum to 1)")
+    in_distribution: bool = Field(description="false when the photo is unlike the training photos: the answer is "
+                                              "\"neither\", and `label` is only the nearest class (always true for a "
+                                              "model without an out-of-distribution score)")
+    ood_score: float | None = Field(description="how unlike the training photos the photo is (higher: less alike); "
+                                                "`in_distribution` is false above the model's threshold; null for a "
+                                                "model without a score")
     model: str = Field(description="the model's name")
     zero_training: bool = Field(description="true for the built-in zero-training cat/dog model (no run given)")
     timing_ms: Timing
