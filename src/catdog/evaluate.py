@@ -18,9 +18,10 @@ import numpy as np
 
 from catdog.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
 from catdog.checkpoint import load_model
-from catdog.runs import check_not_pickle, read_meta
+from catdog.ood import OOD_FILE, KnnScorer, out_of_distribution_summary, plot_out_of_distribution_scores
+from catdog.runs import RunError, check_not_pickle, read_meta
 from catdog.config import option
-from catdog.data import discover
+from catdog.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
 from catdog.devices import resolve_device
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
 from catdog.metrics import classification_metrics
@@ -41,6 +42,7 @@ class EvaluateConfig:
     feature_cache: bool = option(True, "runs trained with the head strategy: score through the cached backbone features, as training validated (--no-feature-cache runs the whole network on every image)")
     cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
+    ood_data: str = option("", "a folder of photos that show none of the classes: measure how well the run says \"neither\" (AUROC, shares accepted and refused at its threshold, ood_scores.png)", metavar="DIR")
 
     def __post_init__(self):
         if not self.run:
@@ -73,15 +75,10 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     if missing:
         raise ValueError(f"data has classes the model does not know: {sorted(missing)}")
     tta = meta.tta if config.tta is None else config.tta
-    if config.feature_cache and meta.strategy == "head":
-        log(f"evaluating {meta.model_name} ({', '.join(meta.class_names)}) through its backbone's cached features "
-            f"on {description}")
-        outcome = predict_through_feature_cache(run_dir, images.paths, tta, config.device, config.backend,
-                                                Path(config.cache_dir) if config.cache_dir else None)
-    else:
-        predictor = load_run_predictor(config.run, config.backend, config.device, config.cache_dir or None)
-        log(f"evaluating {predictor.describe()} on {description}")
-        outcome = predictor.predict_files(images.paths, batch_size=config.batch_size, tta=tta)
+    score_photos = photo_scorer(config, meta, tta)
+    log(f"evaluating {meta.model_name} ({', '.join(meta.class_names)}) on {description}"
+        + (" through its backbone's cached features" if config.feature_cache and meta.strategy == "head" else ""))
+    outcome = score_photos(images.paths)
     class_names = list(meta.class_names)
     mapping = [class_names.index(name) for name in images.class_names]
     labels = np.array([mapping[images.labels[i]] for i in outcome.indices])
@@ -93,6 +90,9 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     metrics.update(calibration_entries(meta.temperature, before, after))
     metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
     out_dir = Path(config.out) if config.out else run_dir / "evaluation"
+    if config.ood_data:
+        metrics["out_of_distribution"] = evaluate_out_of_distribution(config.ood_data, outcome, score_photos,
+                                                                      meta.ood_threshold, out_dir, log)
     write_json_atomic(out_dir / "metrics.json", metrics)
     relative_paths = images.relative_paths()  # once: it resolves every path
     scored_paths = [relative_paths[i] for i in outcome.indices]
@@ -117,6 +117,37 @@ def calibration_entries(temperature: float, before: ReliabilityCurve, after: Rel
             "reliability": {"before_temperature": before.to_dict(), "after_temperature": after.to_dict()}}
 
 
+def photo_scorer(config: EvaluateConfig, meta, tta: bool):
+    """paths -> PredictionOutcome, as this evaluation scores photos: a head run through its cached features
+    (unless --no-feature-cache), any other through its predictor (the exported file on ONNX Runtime, or PyTorch)."""
+    if config.feature_cache and meta.strategy == "head":
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        return lambda paths: predict_through_feature_cache(Path(config.run), paths, tta, config.device, config.backend, cache_dir)
+    predictor = load_run_predictor(config.run, config.backend, config.device, config.cache_dir or None)
+    return lambda paths: predictor.predict_files(paths, batch_size=config.batch_size, tta=tta)
+
+
+def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, score_photos, threshold: float | None,
+                                 out_dir: Path, log) -> dict:
+    """Score the photos of `ood_data` (none of the run's classes) beside the evaluated photos; metrics.json's
+    `out_of_distribution` entry and ood_scores.png."""
+    if outcome.ood_scores is None or threshold is None:
+        raise RunError("--ood-data: this run has no out-of-distribution score (trained before catdog 0.5); train it again")
+    folder = Path(ood_data)
+    paths, left_out = find_image_files(folder)
+    if not paths:
+        raise DataError(f"{folder}: no images to score for --ood-data" + (f"; {describe_left_out(left_out)}" if left_out else ""))
+    other = score_photos(paths)
+    relative = [relative_to_root(paths[i], folder) for i in other.indices]
+    groups = [path.split("/")[0] if "/" in path else folder.name for path in relative]  # sub-folders, if any
+    summary = out_of_distribution_summary(outcome.ood_scores, other.ood_scores, threshold, groups, str(folder))
+    plot_out_of_distribution_scores(outcome.ood_scores, other.ood_scores, threshold, folder.name, out_dir / "ood_scores.png")
+    log(f"neither: AUROC {summary['auroc']:.4f} against {len(paths)} photos of {folder}; at the threshold "
+        f"{summary['other_accepted_share']:.1%} of them accepted, {summary['validation_refused_share']:.1%} of the "
+        "evaluated photos refused (ood_scores.png)")
+    return summary
+
+
 def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device: str, backend: str,
                                   cache_dir: Path | None) -> PredictionOutcome:
     """A head-strategy run's calibrated probabilities: its head on the frozen backbone's cached features (the
@@ -134,7 +165,10 @@ def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device:
     with torch.inference_mode():
         logits = model.head(torch.from_numpy(feature_set.features[usable])).mean(dim=1)  # averaged over the views
         probabilities = torch.softmax(logits / meta.temperature, dim=1).numpy()
-    return PredictionOutcome(usable.tolist(), probabilities, feature_set.errors, feature_set.seconds)
+    ood_scores = None
+    if meta.ood_method == "knn" and (run_dir / OOD_FILE).is_file():  # the first view, as predict scores it
+        ood_scores = KnnScorer.load(run_dir / OOD_FILE).scores(feature_set.features[usable, 0])
+    return PredictionOutcome(usable.tolist(), probabilities, feature_set.errors, feature_set.seconds, ood_scores)
 
 
 def write_predictions_csv(path: Path, relative_paths: list[str], labels: np.ndarray, probabilities: np.ndarray,
