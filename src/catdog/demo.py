@@ -1,4 +1,4 @@
-"""`make demo`: inspect -> train -> evaluate -> predict on one data set, the whole tutorial in one go.
+"""`make demo`: inspect -> train -> evaluate -> export -> predict on one data set, the whole tutorial in one go.
 
 DATA is a Kaggle-style folder holding `train/` (and optionally the unlabelled `test1/`), or any labelled layout.
 """
@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from catdog.evaluate import EvaluateConfig, evaluate_run
+from catdog.export import ExportConfig, run_export
 from catdog.inspect_data import InspectConfig, inspect_data
-from catdog.predict import PredictConfig, run_predict
+from catdog.predict import PredictConfig, load_model_file, run_predict
 from catdog.train import TrainConfig, train
 
 
@@ -34,12 +35,13 @@ def main(argv=None) -> int:
     train(TrainConfig(data=str(labelled), out=str(run), preset=arguments.preset, progress=sys.stderr.isatty()))
     print("\n== 3/4 evaluate (validation split)")
     metrics = evaluate_run(EvaluateConfig(run=str(run)))
+    print("\n== 4/4 export the deployable file, predict with it")
+    model_file = run_export(ExportConfig(run=str(run)))  # <run>/model.onnx: all that predict and serve need
     if unlabelled:
-        print(f"\n== 4/4 predict {unlabelled}")
-        run_predict(PredictConfig(paths=[str(unlabelled)], run=str(run), output=str(run / "test1_predictions.csv"),
-                                  submission=str(run / "submission.csv"), progress=False))
+        run_predict(PredictConfig(paths=[str(unlabelled)], model=str(model_file), output=str(run / "test1_predictions.csv"),
+                                  submission=str(run / "submission.csv"), progress=False), load_model_file(model_file))
     else:
-        print("\n== 4/4 predict: no test1/ folder next to train/, skipped")
+        print("no test1/ folder next to train/: nothing to predict")
     print(f"\nvalidation accuracy: {metrics['accuracy']:.4f} (log loss {metrics['log_loss']:.4f}) "
           f"in {time.perf_counter() - started:.0f} s; results in {run}/")
     return 0
