@@ -1,5 +1,5 @@
-"""Export, reload, compare: the deployable ONNX file (format catdog-model/1: logits, features and class maps, the
-run's metadata, heatmap offset and weights digest inside) matches PyTorch; a stale RUN/model.onnx is never used;
+"""Export, reload, compare: the deployable ONNX file (format catdog-model/1: logits, features, class maps and the
+out-of-distribution score, the run's metadata, heatmap offset and weights digest inside) matches PyTorch; a stale RUN/model.onnx is never used;
 the built-in model exports too; TorchScript files carry their metadata; a failed parity check writes nothing."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from catdog.predict import MODEL_FORMAT, load_model_file, load_run_model_file, w
 from catdog.runs import RunError, RunMeta, read_meta
 from catdog.train import TrainConfig, train
 
-OUTPUTS = ("logits", "features", "class_maps")
+OUTPUTS = ("logits", "features", "class_maps", "ood_score")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     model, meta = load_model(run_dir)
     batch = parity_batch(run_dir, meta.preprocess, 8)
     assert batch.shape == (4, 3, 64, 64)  # the four real validation images (2 per class of 10)
-    logits, features, class_maps = session.run(None, {"images": batch.numpy()})
+    logits, features, class_maps, ood_score = session.run(None, {"images": batch.numpy()})
     with torch.inference_mode():
         reference = torch.softmax(model(batch) / meta.temperature, 1).numpy()
         head = model.head(torch.from_numpy(features)).numpy()
@@ -66,6 +66,7 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     assert np.abs(reference - exported).max() <= 1e-4
     assert features.shape[0] == 4 and np.allclose(head, logits, atol=1e-4)  # "features" is what the head sees
     assert class_maps.shape == (4, 2, 2, 2) and (class_maps >= 0).all()  # a ReLU'd 2x2 map per class at 64 px
+    assert ood_score.shape == (4,) and np.isfinite(ood_score).all() and meta.ood_threshold is not None
 
     # The runtime reads everything back from the one file.
     predictor = load_model_file(out)

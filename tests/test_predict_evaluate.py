@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -45,12 +46,14 @@ def test_predict_folder_csv_submission_and_errors(trained_run, tmp_path, capsys)
                  str(tmp_path / "sub.csv"), "--no-progress", "--backend", "torch"])
     assert code == EXIT_SOME_FILES_FAILED
     rows = read_csv(output)
-    assert len(rows) == 4 and list(rows[0]) == ["path", "label", "confidence", "prob_cat", "prob_dog"]
+    assert len(rows) == 4 and list(rows[0]) == ["path", "label", "confidence", "prob_cat", "prob_dog", "ood_score",
+                                                 "in_distribution"]
     by_name = {row["path"].split("/")[-1]: row for row in rows}
     assert by_name["4.jpg"]["label"] == "cat" and by_name["1.jpg"]["label"] == "dog"
     for row in rows:
         assert float(row["prob_cat"]) + float(row["prob_dog"]) == pytest.approx(1.0, abs=1e-5)
         assert float(row["confidence"]) == max(float(row["prob_cat"]), float(row["prob_dog"]))
+        assert np.isfinite(float(row["ood_score"])) and row["in_distribution"] in ("true", "false")
     submission = read_csv(tmp_path / "sub.csv")
     assert [row["id"] for row in submission] == ["1", "2", "3", "4"]
     assert all(0.005 <= float(row["label"]) <= 0.995 for row in submission)
@@ -60,15 +63,87 @@ def test_predict_folder_csv_submission_and_errors(trained_run, tmp_path, capsys)
     assert "5.jpg" in capsys.readouterr().err
 
 
-def test_onnxruntime_and_torch_backends_agree(trained_run, tmp_path):
+@pytest.fixture(scope="module")
+def exported_model(trained_run, tmp_path_factory):
+    """The run exported to one deployable file (`catdog export --run RUN --out FILE`)."""
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("exported") / "model.onnx"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    return out
+
+
+def test_model_file_run_and_torch_backend_agree(trained_run, exported_model, tmp_path):
+    """`--model FILE` (what a runtime-only install runs), `--run RUN` (exported on first use, ONNX Runtime) and
+    `--backend torch` (PyTorch) give the same probabilities for every photo."""
     run, data = trained_run
+    ways = {
+        "model": ["--model", str(exported_model)],
+        "run": ["--run", str(run), "--backend", "onnxruntime"],
+        "torch": ["--run", str(run), "--backend", "torch"],
+    }
     outputs = {}
-    for backend in ("torch", "onnxruntime"):
-        out = tmp_path / f"{backend}.csv"
-        assert main(["predict", str(data), "--run", str(run), "--output", str(out), "--no-progress", "--backend", backend]) == 0
-        outputs[backend] = {r["path"]: float(r["prob_dog"]) for r in read_csv(out)}
-    assert outputs["torch"].keys() == outputs["onnxruntime"].keys()
-    assert max(abs(outputs["torch"][k] - outputs["onnxruntime"][k]) for k in outputs["torch"]) < 1e-4
+    for name, options in ways.items():
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", str(data), *options, "--output", str(out), "--no-progress"]) == 0
+        outputs[name] = {row["path"]: np.array([float(row["prob_cat"]), float(row["prob_dog"])]) for row in read_csv(out)}
+    assert len(outputs["model"]) == 28
+    for name in ("run", "torch"):
+        assert outputs[name].keys() == outputs["model"].keys()
+        assert max(np.abs(outputs[name][path] - outputs["model"][path]).max() for path in outputs["model"]) < 1e-5, name
+    assert not (run / "model.onnx").exists()  # --run exported into the cache, not into the run
+
+
+def test_predict_refuses_a_file_that_is_not_a_model_naming_it(tmp_path, capsys):
+    photo = tmp_path / "photo.jpg"
+    colour_image(1, 5).save(photo)
+    output = tmp_path / "preds.csv"
+
+    def predict_with(model) -> str:
+        assert main(["predict", str(photo), "--model", str(model), "--output", str(output), "--no-progress"]) == 1
+        error = capsys.readouterr().err
+        assert str(model) in error and len(error.strip().splitlines()) == 1, error
+        assert not output.exists()
+        return error
+
+    png = tmp_path / "model.onnx"
+    colour_image(0, 6).save(png, format="PNG")  # a photo renamed .onnx
+    assert "not a readable ONNX model" in predict_with(png)
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return marker.touch, ()  # what loading this pickle would do
+
+    pickled = tmp_path / "model.pt"
+    pickled.write_bytes(pickle.dumps(Payload()))
+    assert "refusing to load a pickled file" in predict_with(pickled)
+    assert not marker.exists()
+    assert "model file not found" in predict_with(tmp_path / "missing.onnx")
+    assert "for a run directory use --run" in predict_with(tmp_path)
+
+
+def test_without_the_train_extra_predict_runs_an_exported_file_only(trained_run, exported_model, tmp_path, monkeypatch,
+                                                                     capsys):
+    """`pip install catdog` alone (simulated: the train extra's packages reported missing): `catdog train` and a
+    run without a current model.onnx stop with one line naming catdog[train]; an exported file predicts."""
+    import catdog.extras
+
+    installed = catdog.extras.missing_packages
+    monkeypatch.setattr(catdog.extras, "missing_packages",
+                        lambda extra: ["torch", "timm"] if extra == "train" else installed(extra))
+    run, data = trained_run
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "catdog train needs catdog[train]" in line and "torch" in line and "pip install 'catdog[train]'" in line
+    assert not (tmp_path / "run").exists()
+
+    output = tmp_path / "preds.csv"
+    assert main(["predict", str(data), "--run", str(run), "--output", str(output), "--no-progress"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"catdog export --run {run}" in line and "catdog[train]" in line and not output.exists()
+    assert main(["predict", str(data), "--model", str(exported_model), "--output", str(output), "--no-progress"]) == 0
+    assert len(read_csv(output)) == 28
 
 
 def test_evaluate_writes_metrics_and_plots_for_the_validation_split(trained_run, tmp_path):
