@@ -7,6 +7,12 @@ with any split or head settings, reuses the cached vectors and trains in seconds
 Cache key: the image file's content hash (SHA-1), so renamed or moved files still hit and edited files miss;
 cache folder: one per (model, preprocessing, view), so a change of input size or normalisation never reuses stale
 features. Each extraction appends one shard file, written atomically.
+
+Views (`VIEWS` are the clean ones): "original"; "flipped", its mirror image (flipped as a tensor); a damaged photo
+"KIND@SEVERITY" (`corruptions.py`: the PIL image is damaged before the evaluation transform, seeded by the file's
+digest), and "KIND@SEVERITY+flipped" its mirror image; "damaged-N", the N-th damaged training view of a photo
+(`corruptions.training_damage`: a kind and severity drawn per photo). Damaged views are cached like clean ones,
+in folders keyed by the view's name and the damage's version.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from catdog import __version__
+from catdog import corruptions
 from catdog.datasets import collate_skipping_bad_images
 from catdog.export import export_onnx_module
 from catdog.files import atomic_path, default_cache_dir  # noqa: F401 (default_cache_dir: imported from here too)
@@ -33,6 +40,7 @@ from catdog.inference import session_options
 from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
 
 VIEWS = ("original", "flipped")
+DAMAGE_VERSION = 1  # part of a damaged view's cache key: bump when `corruptions.py` changes what it makes
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -86,15 +94,44 @@ class FeatureCache:
             self.vectors[key] = vector.astype(np.float16)
 
 
+def split_view(view: str) -> tuple[str, bool]:
+    """(the image a view starts from: "clean", "KIND@SEVERITY" or "damaged-N"; whether it is mirrored)."""
+    if view == "original":
+        return "clean", False
+    if view == "flipped":
+        return "clean", True
+    base, mirrored = (view[: -len("+flipped")], True) if view.endswith("+flipped") else (view, False)
+    if base.startswith("damaged-") and base[len("damaged-"):].isdigit():
+        return base, mirrored
+    corruptions.parse_condition(base)  # raises on an unknown view
+    return base, mirrored
+
+
+def damaged_image(image, base: str, key: str):
+    """The PIL image a view's base stands for (see `split_view`), damaged with the seed of `key` (file digest)."""
+    if base == "clean":
+        return image
+    if base.startswith("damaged-"):
+        return corruptions.training_damage(image, key, base)[0]
+    kind, severity = corruptions.parse_condition(base)
+    return corruptions.damage(image, kind, severity, key)
+
+
 def cache_folder(cache_dir: Path, model_name: str, preprocess: Preprocess, view: str) -> Path:
-    settings = json.dumps({"model": model_name, "preprocess": preprocess.to_dict(), "view": view,
-                           "transform": EVAL_TRANSFORM_VERSION}, sort_keys=True)
-    return cache_dir / "features" / f"{model_name}-{view}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
+    settings = {"model": model_name, "preprocess": preprocess.to_dict(), "view": view, "transform": EVAL_TRANSFORM_VERSION}
+    if split_view(view)[0] != "clean":  # clean views keep the keys they always had
+        settings["damage"] = DAMAGE_VERSION
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir / "features" / f"{model_name}-{view.replace('+', '-')}-{digest}"
 
 
 class _ImageBytesDataset(Dataset):
-    def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int):
+    """Each file decoded once and transformed once per base image its views need: [bases, 3, S, S]."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable, draft_size: int, bases: Sequence[str] = ("clean",),
+                 keys: Sequence[str] | None = None):
         self.paths, self.transform, self.draft_size = list(paths), transform, draft_size
+        self.bases, self.keys = list(bases), list(keys) if keys is not None else [str(i) for i in range(len(paths))]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,7 +141,8 @@ class _ImageBytesDataset(Dataset):
             image = load_image(self.paths[index], draft_size=self.draft_size)
         except ImageLoadError as error:
             return {"index": index, "error": error}
-        return {"index": index, "image": self.transform(image), "label": -1}
+        arrays = [self.transform(damaged_image(image, base, self.keys[index])) for base in self.bases]
+        return {"index": index, "image": np.stack(arrays), "label": -1}
 
 
 class OnnxBackbone:
@@ -188,7 +226,10 @@ def extract_features(
     processed = 0  # cache misses the loop has got to (computed or failed)
     if missing and compute_missing:
         runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
-        dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size)
+        split = [split_view(view) for view in views]
+        bases = list(dict.fromkeys(base for base, _ in split))
+        dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size,
+                                     bases, [digests[i] for i in missing])
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -199,7 +240,10 @@ def extract_features(
         for batch in loader:
             errors.extend(batch.errors)
             if len(batch.images):
-                outputs = [runner(batch.images if view == "original" else batch.images.flip(-1)) for view in views]
+                outputs = []
+                for base, mirrored in split:
+                    images = batch.images[:, bases.index(base)].contiguous()
+                    outputs.append(runner(images.flip(-1) if mirrored else images))
                 stacked = torch.stack(outputs, dim=1).numpy()
                 for row, dataset_index in zip(stacked, batch.indices.tolist()):
                     computed[missing[dataset_index]] = row
