@@ -70,7 +70,7 @@ def test_a_loop_inside_the_searched_folder_is_reported_once(tmp_path):
         ("self", "symbolic link loop"), ("up", "symbolic link loop")]
 
 
-def test_nothing_left_says_how_many_were_left_out_and_why(tmp_path):
+def test_nothing_left_says_how_many_were_left_out_and_why(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "train"
     folder.mkdir()
     for index in range(3):
@@ -78,7 +78,16 @@ def test_nothing_left_says_how_many_were_left_out_and_why(tmp_path):
     os.symlink(folder / "dog.0.jpg", folder / "dog.0.jpg")
     with pytest.raises(DataError, match=r"no images found .*4 left out: 3 broken symbolic link, 1 symbolic link loop"):
         discover(folder)
+    capsys.readouterr()
+
+    def no_model_needed(*arguments, **options):
+        raise AssertionError("a model was loaded although there is nothing to predict")
+
+    import catdog.model_files
+
+    monkeypatch.setattr(catdog.model_files, "load_predictor", no_model_needed)
     assert main(["predict", str(folder), "--no-progress"]) == 1  # the same message, before any model is loaded
+    assert "4 left out: 3 broken symbolic link, 1 symbolic link loop" in capsys.readouterr().err
     paths, left_out = collect_inputs([str(folder), str(folder / "cat.0.jpg")])
     assert paths == [] and len(left_out) == 5
 
