@@ -50,16 +50,34 @@ def read_rows(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def test_a_few_files_print_one_line_each_besides_the_csv(tiny_run, tmp_path):
+def model_options(source: str, request) -> list[str]:
+    """--run RUN on PyTorch, or --model FILE (ONNX Runtime, what a runtime-only install runs)."""
+    if source == "run":
+        return ["--run", str(request.getfixturevalue("tiny_run")), "--backend", "torch"]
+    return ["--model", str(request.getfixturevalue("tiny_model_file"))]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run exported to one deployable file."""
+    out = tmp_path_factory.mktemp("predict-output-model") / "model.onnx"
+    result = run_catdog("export", "--run", str(tiny_run), "--out", str(out), "--parity-images", "4", cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("source", ["run", "model"])
+def test_a_few_files_print_one_line_each_besides_the_csv(source, request, tmp_path):
     paths = photos(tmp_path / "few", 3)
-    result = run_catdog("predict", *map(str, paths), "--run", str(tiny_run), "--backend", "torch", "--no-progress",
-                        cwd=tmp_path)
+    result = run_catdog("predict", *map(str, paths), *model_options(source, request), "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_rows((tmp_path / "predictions.csv").read_text())
     assert [row["path"] for row in rows] == [str(path) for path in paths]
-    printed = [line.split() for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
-    assert [(path, label, confidence) for path, label, confidence in printed] == [
-        (row["path"], row["label"], f"{float(row['confidence']):.3f}") for row in rows]
+    printed = [line.split(maxsplit=1) for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
+    # A photo unlike the training photos says "neither" with its nearest class; the others, label and confidence.
+    assert [(path, said.strip()) for path, said in printed] == [
+        (row["path"], f"{row['label']}  {float(row['confidence']):.3f}" if row["in_distribution"] == "true" else
+         f"neither: unlike the training photos (nearest: {row['label']} {float(row['confidence']):.3f})") for row in rows]
 
 
 def test_many_files_print_no_line_per_file(tiny_run, tmp_path):
@@ -70,13 +88,14 @@ def test_many_files_print_no_line_per_file(tiny_run, tmp_path):
     assert "photo-" not in result.stdout and "wrote 21 predictions" in result.stdout
 
 
-def test_output_dash_writes_the_csv_to_stdout_and_messages_to_stderr(tiny_run, tmp_path):
+@pytest.mark.parametrize("source", ["run", "model"])
+def test_output_dash_writes_the_csv_to_stdout_and_messages_to_stderr(source, request, tmp_path):
     paths = photos(tmp_path / "in", 4)
     (tmp_path / "in" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run_catdog("predict", "in", "--run", str(tiny_run), "--backend", "torch", "--output", "-", cwd=tmp_path)
+    result = run_catdog("predict", "in", *model_options(source, request), "--output", "-", cwd=tmp_path)
     assert result.returncode == 3, result.stderr  # one unreadable file
     rows = read_rows(result.stdout)  # standard output is exactly the CSV: header and one row per readable photo
-    assert list(rows[0]) == ["path", "label", "confidence", "prob_cat", "prob_dog"]
+    assert list(rows[0]) == ["path", "label", "confidence", "prob_cat", "prob_dog", "ood_score", "in_distribution"]
     assert sorted(Path(row["path"]).name for row in rows) == sorted(path.name for path in paths)
     assert "predicting 5 images" in result.stderr and "broken.jpg" in result.stderr
     assert "100%" in result.stderr  # the progress bar
