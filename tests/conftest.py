@@ -53,3 +53,22 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "train").is_dir():
         pytest.skip(f"needs the shared Kaggle photos at {SHARED_DATA} (absent on this machine)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, its exported model.onnx): a tiny simple_cnn run that tells the two colours apart, trained and
+    exported once per session for the serve, explain and browser tests."""
+    from catdog.export import ExportConfig, run_export
+    from catdog.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("served-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CATDOG_CACHE", str(tmp_path_factory.getbasetemp() / "catdog-cache"))
+        data = make_kaggle_folder(root / "train", per_class=12)
+        train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
+                          batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0),
+              log=lambda _: None)
+        model_file = run_export(ExportConfig(run=str(root / "run")), log=lambda _: None)
+    assert model_file == root / "run" / "model.onnx" and model_file.is_file()
+    return root / "run", model_file

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import colour_image, make_kaggle_folder
+from conftest import colour_image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 API_KEY = "browser-test-key"  # the server requires it: the page must send it with every request
@@ -25,38 +25,41 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(request, tmp_path_factory):
+    """`catdog serve --model FILE` (the tiny run's exported model.onnx) with an API key; stopped even on failure."""
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make test installs it with apt-get when run as root)")
     pytest.importorskip("playwright")
-    from catdog.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("browser")
-    data = make_kaggle_folder(root / "train", per_class=12)
-    train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
-                      batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0),
-          log=lambda _: None)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--run", str(root / "run"), "--port", str(port),
-                                "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "CATDOG_API_KEY": API_KEY})
     import urllib.request
 
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    served_run = request.getfixturevalue("served_run")  # trained only when the browser tests can run
+    root = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    log_path = root / "serve.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--model", str(served_run[1]), "--port",
+                                    str(port)], stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "CATDOG_API_KEY": API_KEY})
+    try:
+        deadline = time.time() + 120
+        while True:
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail("server did not become ready: " + log_path.read_text(errors="replace"))
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        photo = root / "dog-photo.jpg"
+        colour_image(1, 123, (320, 240)).save(photo)
+        yield f"http://127.0.0.1:{port}/", photo
+    finally:
+        process.terminate()
         try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready: " + process.stdout.read().decode(errors="replace"))
-    photo = root / "dog-photo.jpg"
-    colour_image(1, 123, (320, 240)).save(photo)
-    yield f"http://127.0.0.1:{port}/", photo
-    process.terminate()
-    process.wait(30)
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
 
 
 def test_upload_a_photo_and_read_the_label(server):

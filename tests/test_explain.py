@@ -1,4 +1,5 @@
-"""Grad-CAM: the command, the frozen-backbone pitfall, POST /explain, and that the heatmap finds the cat."""
+"""Grad-CAM: the command, the exported heatmaps against autograd's Grad-CAM, a frozen backbone (head run),
+POST /explain, and that the heatmap finds the cat."""
 
 from __future__ import annotations
 
@@ -8,14 +9,24 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from conftest import colour_image, make_kaggle_folder
 from PIL import Image
 
-from catdog.runs import RunMeta
+from catdog.backends import load_torch_predictor
 from catdog.cli import main
-from catdog.explain import GradCamExplainer, load_explainer
-from catdog.models import MODEL_SPECS, create_model
-from catdog.predict import load_predictor
+from catdog.explain import explain_photo
+from catdog.export import DeployableNetwork, builtin_model, exported_model_file, load_exportable, write_model_file
+from catdog.models import (
+    IMAGENET_CAT_CLASSES,
+    IMAGENET_DOG_CLASSES,
+    MODEL_SPECS,
+    ImageNetCatDogClassifier,
+    SimpleCNNBackbone,
+    create_model,
+)
+from catdog.predict import Predictor, load_model_file
+from catdog.runs import RunError, RunMeta
 from catdog.train import TrainConfig, train
 
 # Cats the zero-training model and a small head run both classify as cats when pasted small on a grey canvas
@@ -24,13 +35,28 @@ QUADRANT_CATS = ("cat.1010.jpg", "cat.1013.jpg", "cat.1016.jpg")
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explain")
-    data = make_kaggle_folder(root / "train", per_class=12)
-    train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
-                      batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0),
-          log=lambda _: None)
-    return root / "run"
+def run_dir(served_run):
+    """The tiny simple_cnn run (conftest's `served_run`), with its exported model.onnx."""
+    return served_run[0]
+
+
+@pytest.fixture(scope="module")
+def model_file(served_run):
+    return served_run[1]
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    """A head-strategy run (EfficientNet-Lite0, frozen pretrained backbone, linear head on cached features) on the
+    generated colour photos, and its exported file."""
+    root = tmp_path_factory.mktemp("explain-head")
+    with pytest.MonkeyPatch.context() as patch:  # the feature cache stays in this session's cache
+        patch.setenv("CATDOG_CACHE", str(tmp_path_factory.getbasetemp() / "catdog-cache"))
+        data = make_kaggle_folder(root / "train", per_class=8)
+        train(TrainConfig(data=str(data), out=str(root / "run"), preset="fast", strategy="head", flip=False, epochs=10,
+                          num_workers=0, progress=False), log=lambda _: None)
+        model_file = exported_model_file(str(root / "run"))
+    return root / "run", model_file
 
 
 def test_explain_command_writes_overlays_and_probabilities(run_dir, tmp_path):
@@ -46,7 +72,7 @@ def test_explain_command_writes_overlays_and_probabilities(run_dir, tmp_path):
     with open(out / "explanations.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["overlay"] for row in rows] == ["dog.gradcam.png", "dog-2.gradcam.png"]
-    predictor = load_predictor(str(run_dir), backend="torch", device="cpu")
+    predictor = load_torch_predictor(str(run_dir), "cpu")  # PyTorch agrees with the exported file the command ran
     for row, source in zip(rows, (photos / "dog.jpg", photos / "more" / "dog.jpg")):
         photo = Image.open(source)
         overlay = Image.open(out / row["overlay"])
@@ -58,15 +84,177 @@ def test_explain_command_writes_overlays_and_probabilities(run_dir, tmp_path):
     assert rows[0]["label"] == "dog" and rows[1]["label"] == "cat"
 
 
-def test_frozen_backbone_still_gets_a_heatmap():
-    """The known pitfall: a head run's backbone has requires_grad=False, so nothing would flow back to its maps."""
+def test_exported_file_and_torch_twin_explain_alike(run_dir, model_file):
+    """The file's heatmaps (ONNX Runtime) and the PyTorch twin's (the same DeployableNetwork) agree."""
+    exported, twin = load_model_file(model_file), load_torch_predictor(str(run_dir), "cpu")
+    assert exported.has_heatmaps and twin.has_heatmaps
+    assert exported.heatmap_offset == pytest.approx(twin.heatmap_offset, abs=1e-6)
+    for label, size in ((0, (180, 120)), (1, (97, 203))):
+        photo = colour_image(label, 11, size)
+        for target in (None, 0, 1):
+            ours, theirs = explain_photo(exported, photo, target=target), explain_photo(twin, photo, target=target)
+            assert ours.heatmap.shape == (size[1], size[0])
+            assert ours.probabilities == pytest.approx(theirs.probabilities, abs=1e-5)
+            np.testing.assert_allclose(ours.heatmap, theirs.heatmap, atol=1e-4)
+        assert explain_photo(exported, photo).label == ("cat", "dog")[label]
+
+
+# ---------------------------------------------------------------- the exported maps are Grad-CAM
+
+
+def autograd_grad_cam(network: DeployableNetwork, images: torch.Tensor, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM as Selvaraju et al. compute it, by autograd: the last convolutional map A, the gradient of the
+    target's log-odds (its logit minus the log-sum-exp of the others) with respect to A, channel weights = that
+    gradient's spatial mean, map = ReLU(sum_k w_k A_k). Also the logits, from A through the model's own layers."""
+    feature_map = network.feature_map(images).detach().requires_grad_(True)
+    model = network.model
+    if isinstance(model, ImageNetCatDogClassifier):
+        log_probabilities = torch.log_softmax(model.imagenet_model.forward_head(feature_map), dim=1)
+        logits = torch.stack([torch.logsumexp(log_probabilities[:, list(IMAGENET_CAT_CLASSES)], dim=1),
+                              torch.logsumexp(log_probabilities[:, list(IMAGENET_DOG_CLASSES)], dim=1)], dim=1)
+    elif isinstance(model.backbone, SimpleCNNBackbone):
+        logits = model.head(model.backbone.dense(model.backbone.features[8:](feature_map)))
+    else:
+        logits = model.head(model.backbone.forward_head(feature_map))
+    others = [j for j in range(logits.shape[1]) if j != target]
+    score = (logits[:, target] - torch.logsumexp(logits[:, others], dim=1)).sum()
+    (gradient,) = torch.autograd.grad(score, feature_map)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * feature_map).sum(dim=1)).detach().numpy(), logits.detach().numpy()
+
+
+def assert_maps_equal_after_normalising(ours: np.ndarray, reference: np.ndarray, scale: np.ndarray, what: str,
+                                        tolerance: float) -> int:
+    """Each image's map divided by its maximum equals the reference's to `tolerance`; where the reference is empty
+    (every position's weighted sum negative, so ReLU leaves nothing), ours is too, to `tolerance` times `scale` (the
+    image's largest map over all classes). Returns how many maps were not empty."""
+    non_empty = 0
+    for index, (mine, theirs) in enumerate(zip(ours, reference)):
+        if theirs.max() > 0:
+            non_empty += 1
+            np.testing.assert_allclose(mine / mine.max(), theirs / theirs.max(), rtol=0, atol=tolerance,
+                                       err_msg=f"{what}, image {index}")
+        else:
+            assert mine.max() <= tolerance * scale[index], f"{what}, image {index}: the reference map is empty, ours is not"
+    return non_empty
+
+
+def check_class_maps_are_grad_cam(network: DeployableNetwork, meta: RunMeta, path) -> None:
+    """The exported file's class_maps (ONNX Runtime), and the DeployableNetwork's in torch, against autograd."""
+    assert network.has_class_maps and "class_maps" in network.output_names
+    size = meta.preprocess.input_size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, size, size, generator=generator)
+    with torch.no_grad():
+        expected_logits = network.model.eval()(images).numpy()
+        outputs = {name: output.numpy() for name, output in zip(network.output_names, network(images))}
+    torch_logits, torch_maps = outputs["logits"], outputs["class_maps"]
+    predictor = load_model_file(path)
+    assert predictor.has_heatmaps
+    exported = predictor.network.run(images.numpy(), ("logits", "class_maps"))
+    assert exported["class_maps"].shape == torch_maps.shape and torch_maps.shape[:2] == (3, len(meta.class_names))
+    np.testing.assert_allclose(torch_logits, expected_logits, rtol=0, atol=1e-4)
+    assert np.abs(exported["logits"] - expected_logits).max() <= 1e-4
+    references = []
+    for target in range(len(meta.class_names)):
+        reference, logits = autograd_grad_cam(network, images, target)
+        np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-4)  # the reference's path is the model's
+        references.append(reference)
+    references = np.stack(references, axis=1)  # [N, classes, h, w]
+    scale = references.reshape(len(images), -1).max(axis=1)  # each image's largest map value over all classes
+    assert (scale > 0).all()
+    non_empty = 0
+    # The graph that is exported (DeployableNetwork in torch) is Grad-CAM to float32 rounding, 1e-5. The file, run
+    # by ONNX Runtime (its own convolution kernels and fused batch norms), sums 1280 channels in another order:
+    # measured up to 2.3e-5 on EfficientNet-Lite0 after normalising, so it is held to 1e-4, the export's parity
+    # tolerance for probabilities.
+    for target in range(len(meta.class_names)):
+        for what, maps, tolerance in (("in torch", torch_maps, 1e-5), ("exported", exported["class_maps"], 1e-4)):
+            non_empty += assert_maps_equal_after_normalising(maps[:, target], references[:, target], scale,
+                                                             f"{meta.model_name} {what}, class {target}", tolerance)
+    assert non_empty >= len(images) * len(meta.class_names)  # at least half the maps say something
+
+
+def test_class_maps_are_grad_cam_simple_cnn(run_dir, model_file, tmp_path):
+    network, meta, _ = load_exportable(str(run_dir))  # trained: two classes, 32 px
+    check_class_maps_are_grad_cam(network, meta, model_file)
+    torch.manual_seed(0)  # untrained, three classes (the log-odds weigh the other classes by softmax), 224 px
+    meta = RunMeta("simple_cnn", ["cat", "dog", "fox"], MODEL_SPECS["simple_cnn"].preprocess, 1.0, "finetune")
+    network = DeployableNetwork(create_model("simple_cnn", 3))
+    write_model_file(network, meta, tmp_path / "model.onnx")
+    check_class_maps_are_grad_cam(network, meta, tmp_path / "model.onnx")
+
+
+@pytest.mark.slow
+def test_class_maps_are_grad_cam_efficientnet_lite0(head_run):
+    run, model_file = head_run
+    network, meta, _ = load_exportable(str(run))
+    assert meta.model_name == "efficientnet_lite0" and type(network.model.backbone).__name__ == "EfficientNet"
+    check_class_maps_are_grad_cam(network, meta, model_file)
+
+
+@pytest.mark.slow
+def test_class_maps_are_grad_cam_builtin_model():
+    model, meta = builtin_model()
+    check_class_maps_are_grad_cam(DeployableNetwork(model), meta, exported_model_file(None))
+
+
+# ---------------------------------------------------------------- a frozen backbone
+
+
+@pytest.mark.slow
+def test_head_run_with_a_frozen_backbone_has_heatmaps(head_run):
+    """The known pitfall of autograd Grad-CAM: a head run's backbone has requires_grad=False, so nothing would flow
+    back to its maps. The exported maps are closed-form, so the run's file has them all the same."""
+    run, model_file = head_run
+    meta = load_exportable(str(run))[1]
+    assert meta.strategy == "head" and meta.model_name == "efficientnet_lite0"
+    predictor = load_model_file(model_file)
+    assert predictor.has_heatmaps and predictor.meta.strategy == "head"
+    for label in (0, 1):
+        photo = colour_image(label, 1, (300, 200))
+        explanation = explain_photo(predictor, photo)
+        assert explanation.label == ("cat", "dog")[label]
+        assert explanation.heatmap.shape == (200, 300) and explanation.heatmap.max() == pytest.approx(1.0)
+        assert (explanation.heatmap > 0.1).mean() > 0.01  # not a single hot pixel
+        assert explanation.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_frozen_simple_cnn_still_gets_a_heatmap(tmp_path):
+    torch.manual_seed(0)
     model = create_model("simple_cnn", 2, freeze_backbone=True)
     assert not any(parameter.requires_grad for parameter in model.backbone.parameters())
     meta = RunMeta("simple_cnn", ["cat", "dog"], MODEL_SPECS["simple_cnn"].preprocess, 1.0, "head", tta=True)
-    explanation = GradCamExplainer(model, meta).explain(colour_image(0, 1, (300, 200)), target=0)
+    write_model_file(DeployableNetwork(model), meta, tmp_path / "model.onnx")
+    assert not any(parameter.requires_grad for parameter in model.backbone.parameters())  # the model is left as it was
+    explanation = explain_photo(load_model_file(tmp_path / "model.onnx"), colour_image(0, 1, (300, 200)), target=0)
     assert explanation.heatmap.shape == (200, 300) and explanation.heatmap.max() == pytest.approx(1.0)
     assert explanation.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
-    assert not any(parameter.requires_grad for parameter in model.backbone.parameters())  # the model is left as it was
+
+
+def test_a_file_without_heatmaps_says_so(model_file):
+    predictor = load_model_file(model_file)
+    without = Predictor(LogitsOnly(predictor.network), predictor.meta, predictor.heatmap_offset, "logits-only.onnx")
+    assert not without.has_heatmaps
+    with pytest.raises(RunError, match="no heatmaps"):
+        explain_photo(without, colour_image(0, 1, (60, 40)))
+
+
+class LogitsOnly:
+    """A network like a transformer's export: logits and features, no class_maps."""
+
+    backend = "onnxruntime"
+    outputs = ("logits", "features")
+
+    def __init__(self, network):
+        self.network = network
+
+    def run(self, images, outputs=("logits",)):
+        assert "class_maps" not in outputs
+        return self.network.run(images, outputs)
+
+
+# ---------------------------------------------------------------- the heatmap finds the cat
 
 
 def quadrant_canvas(photo: Image.Image, quadrant: int, side: int = 448) -> Image.Image:
@@ -76,11 +264,11 @@ def quadrant_canvas(photo: Image.Image, quadrant: int, side: int = 448) -> Image
     return canvas
 
 
-def quadrant_shares(explainer, photo: Image.Image) -> list[float]:
+def quadrant_shares(predictor: Predictor, photo: Image.Image) -> list[float]:
     """For each quadrant the cat is pasted into: the share of the cat-labelled heatmap's mass in that quadrant."""
     shares = []
     for quadrant in range(4):
-        explanation = explainer.explain(quadrant_canvas(photo, quadrant))
+        explanation = explain_photo(predictor, quadrant_canvas(photo, quadrant))
         assert explanation.label == "cat"
         heatmap = explanation.heatmap
         half = heatmap.shape[0] // 2
@@ -92,9 +280,10 @@ def quadrant_shares(explainer, photo: Image.Image) -> list[float]:
 
 @pytest.mark.slow
 def test_heatmap_finds_the_cat_zero_training_model(shared_data):
-    explainer = load_explainer("", device="cpu")
+    predictor = load_model_file(exported_model_file(None))
+    assert predictor.is_zero_training and predictor.has_heatmaps
     for name in QUADRANT_CATS:
-        shares = quadrant_shares(explainer, Image.open(shared_data / "train" / name).convert("RGB"))
+        shares = quadrant_shares(predictor, Image.open(shared_data / "train" / name).convert("RGB"))
         assert min(shares) >= 0.6, f"{name}: heatmap share in the cat's quadrant {shares}"
 
 
@@ -107,10 +296,10 @@ def test_heatmap_finds_the_cat_trained_run(shared_data, tmp_path):
             (data / f"{kind}.{number}.jpg").symlink_to(shared_data / "train" / f"{kind}.{number}.jpg")
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="fast", flip=False, num_workers=0, progress=False),
           log=lambda _: None)
-    explainer = load_explainer(str(tmp_path / "run"), device="cpu")
-    assert explainer.meta.strategy == "head"
+    predictor = load_model_file(exported_model_file(str(tmp_path / "run")))
+    assert predictor.meta.strategy == "head"
     for name in QUADRANT_CATS:
-        shares = quadrant_shares(explainer, Image.open(shared_data / "train" / name).convert("RGB"))
+        shares = quadrant_shares(predictor, Image.open(shared_data / "train" / name).convert("RGB"))
         assert min(shares) >= 0.6, f"{name}: heatmap share in the cat's quadrant {shares}"
 
 
@@ -118,12 +307,12 @@ def test_heatmap_finds_the_cat_trained_run(shared_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def client(run_dir):
+def client(model_file):
     from fastapi.testclient import TestClient
 
     from catdog.serve.app import ServeConfig, create_app
 
-    app = create_app(ServeConfig(run=str(run_dir), backend="torch", max_upload_mb=1.0, max_pixels=4_000_000))
+    app = create_app(ServeConfig(model=str(model_file), max_upload_mb=1.0, max_pixels=4_000_000))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -134,7 +323,7 @@ def jpeg(label: int, size=(200, 150)) -> bytes:
     return buffer.getvalue()
 
 
-def test_explain_endpoint_answers_prediction_and_overlay(client):
+def test_explain_endpoint_answers_prediction_and_overlay(client, model_file):
     answer = client.post("/explain", files={"file": ("dog.jpg", jpeg(1), "image/jpeg")})
     assert answer.status_code == 200
     body = answer.json()
@@ -143,13 +332,31 @@ def test_explain_endpoint_answers_prediction_and_overlay(client):
     assert body["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-4)
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert overlay.format == "PNG" and overlay.size == (200, 150)
+    # the overlay is the exported file's Grad-CAM of the predicted class, as `explain_photo` draws it
+    photo = Image.open(io.BytesIO(jpeg(1))).convert("RGB")
+    expected = explain_photo(load_model_file(model_file), photo).overlay()
+    assert np.abs(np.asarray(overlay.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     raw = client.post("/explain", content=jpeg(0), headers={"content-type": "image/jpeg"}).json()
     assert raw["label"] == "cat"
     assert 'route="/explain",status="200"' in client.get("/metrics").text
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/explain"]["post"]
-    assert {"413", "415", "422", "503"} <= set(operation["responses"])
+    assert {"413", "415", "422", "501", "503"} <= set(operation["responses"])
     assert "overlay_png" in schema["components"]["schemas"]["Explanation"]["properties"]
+
+
+def test_explain_endpoint_answers_501_without_heatmaps(model_file):
+    from fastapi.testclient import TestClient
+
+    from catdog.serve.app import ServeConfig, create_app
+
+    exported = load_model_file(model_file)
+    predictor = Predictor(LogitsOnly(exported.network), exported.meta, exported.heatmap_offset, "logits-only.onnx")
+    with TestClient(create_app(ServeConfig(), predictor=predictor)) as client:
+        refused = client.post("/explain", files={"file": ("dog.jpg", jpeg(1), "image/jpeg")})
+        assert refused.status_code == 501 and refused.json()["error"] == "no heatmaps"
+        assert "logits-only.onnx" in refused.json()["detail"]
+        assert client.post("/predict", files={"file": ("dog.jpg", jpeg(1), "image/jpeg")}).json()["label"] == "dog"
 
 
 @pytest.mark.parametrize("files, content", [
@@ -167,14 +374,16 @@ def test_bad_inputs_get_the_same_answer_as_predict(client, files, content):
     assert explained.json()["error"] == predicted.json()["error"]
 
 
-def test_python_api_explains_like_the_command(run_dir, tmp_path):
+def test_python_api_explains_like_the_command(run_dir, model_file):
     import catdog
 
-    model = catdog.load(run_dir, backend="torch")
-    photo = colour_image(0, 9, (180, 120))
-    explanation = model.explain(photo)
-    (prediction,) = model.predict(photo)
-    assert explanation.label == prediction.label == "cat"
-    assert explanation.confidence == pytest.approx(prediction.confidence, abs=1e-4)
-    assert explanation.heatmap.shape == (120, 180)
-    assert Image.open(io.BytesIO(explanation._repr_png_())).size == (180, 120)  # a notebook shows the overlay
+    # the run's exported file (ONNX Runtime on a CPU), the PyTorch twin, and the file on its own
+    for model in (catdog.load(run_dir, device="cpu"), catdog.load(run_dir, backend="torch", device="cpu"),
+                  catdog.load(model=model_file)):
+        photo = colour_image(0, 9, (180, 120))
+        explanation = model.explain(photo)
+        (prediction,) = model.predict(photo)
+        assert explanation.label == prediction.label == "cat"
+        assert explanation.confidence == pytest.approx(prediction.confidence, abs=1e-4)
+        assert explanation.heatmap.shape == (120, 180)
+        assert Image.open(io.BytesIO(explanation._repr_png_())).size == (180, 120)  # a notebook shows the overlay

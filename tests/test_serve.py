@@ -6,26 +6,23 @@ import asyncio
 import io
 
 import pytest
-from conftest import colour_image, make_kaggle_folder
+from conftest import colour_image
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from catdog.predict import load_model_file
 from catdog.serve.app import ServeConfig, create_app
-from catdog.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data = make_kaggle_folder(root / "train", per_class=12)
-    train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=3,
-                      batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False, early_stopping=0),
-          log=lambda _: None)
-    return root / "run"
+def model_file(served_run):
+    """The tiny run's exported model.onnx (conftest's `served_run`): what the service runs."""
+    return served_run[1]
 
 
 @pytest.fixture(scope="module")
-def client(run_dir):
-    app = create_app(ServeConfig(run=str(run_dir), backend="torch", max_upload_mb=1.0, max_pixels=4_000_000))
+def client(model_file):
+    app = create_app(ServeConfig(model=str(model_file), max_upload_mb=1.0, max_pixels=4_000_000))
     with TestClient(app) as test_client:
         yield test_client
 
@@ -46,7 +43,7 @@ def test_health_ready_and_page(client):
     assert client.get("/docs").status_code == 200 and "/predict" in client.get("/openapi.json").text
 
 
-def test_predict_multipart_and_raw_body(client):
+def test_predict_multipart_and_raw_body(client, model_file):
     answer = client.post("/predict", files={"file": ("dog.jpg", jpeg(1), "image/jpeg")}).json()
     assert answer["label"] == "dog" and set(answer["probabilities"]) == {"cat", "dog"}
     assert answer["confidence"] == max(answer["probabilities"].values())
@@ -54,6 +51,21 @@ def test_predict_multipart_and_raw_body(client):
     assert answer["model"] == "simple_cnn" and answer["timing_ms"]["total"] > 0
     raw = client.post("/predict", content=jpeg(0), headers={"content-type": "image/jpeg"}).json()
     assert raw["label"] == "cat"
+    # the service answers what the exported file itself says (decoded the same way, same calibration)
+    expected = load_model_file(model_file).predict_pil([Image.open(io.BytesIO(jpeg(1))).convert("RGB")])[0]
+    assert [answer["probabilities"][name] for name in ("cat", "dog")] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_an_app_needs_an_exported_file_or_a_predictor(model_file):
+    with pytest.raises(ValueError, match="exported model file"):
+        create_app(ServeConfig())
+    with pytest.raises(ValueError, match="not both"):
+        ServeConfig(model=str(model_file), run="some-run")
+    predictor = load_model_file(model_file)
+    app = create_app(ServeConfig(), predictor=predictor)  # a predictor given: no file is loaded
+    with TestClient(app) as client:
+        assert app.state.service.predictor is predictor
+        assert client.post("/predict", content=jpeg(1), headers={"content-type": "image/jpeg"}).json()["label"] == "dog"
 
 
 @pytest.mark.parametrize(
@@ -110,8 +122,8 @@ def test_metrics_are_prometheus_text(client):
     assert 'route="/predict",status="200"' in text
 
 
-def test_concurrent_requests_are_batched(run_dir):
-    app = create_app(ServeConfig(run=str(run_dir), backend="torch", max_batch_size=8, max_wait_ms=50))
+def test_concurrent_requests_are_batched(model_file):
+    app = create_app(ServeConfig(model=str(model_file), max_batch_size=8, max_wait_ms=50))
     with TestClient(app) as client:
         service = app.state.service
 
@@ -126,12 +138,12 @@ def test_concurrent_requests_are_batched(run_dir):
         assert samples["catdog_batch_size_count"] <= 3  # warm-up plus at most two batches for eight images
 
 
-def test_full_queue_answers_503_with_retry_after(run_dir):
+def test_full_queue_answers_503_with_retry_after(model_file):
     import threading
     import time
 
     release = threading.Event()
-    app = create_app(ServeConfig(run=str(run_dir), backend="torch", max_batch_size=1, max_queue=1, max_wait_ms=0))
+    app = create_app(ServeConfig(model=str(model_file), max_batch_size=1, max_queue=1, max_wait_ms=0))
     with TestClient(app) as client:
         batcher = app.state.service.batcher
         original = batcher.predict_batch
@@ -154,8 +166,8 @@ def test_full_queue_answers_503_with_retry_after(run_dir):
         assert overloaded.headers["retry-after"] == "1" and overloaded.json()["error"] == "overloaded"
 
 
-def test_not_ready_answers_503(run_dir):
-    app = create_app(ServeConfig(run=str(run_dir), backend="torch"))
+def test_not_ready_answers_503(model_file):
+    app = create_app(ServeConfig(model=str(model_file)))
     with TestClient(app) as client:
         app.state.service.ready = False
         assert client.get("/ready").status_code == 503
@@ -164,7 +176,9 @@ def test_not_ready_answers_503(run_dir):
 
 
 def test_zero_training_model_is_labelled(shared_data):
-    app = create_app(ServeConfig(backend="torch"))
+    from catdog.export import exported_model_file
+
+    app = create_app(ServeConfig(model=str(exported_model_file(None))))  # the built-in model, exported once
     with TestClient(app) as client:
         assert client.get("/ready").json()["zero_training"] is True
         photo = (shared_data / "train" / "dog.1001.jpg").read_bytes()

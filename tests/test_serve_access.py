@@ -14,29 +14,25 @@ import sys
 import time
 
 import pytest
-from conftest import colour_image, make_kaggle_folder
+from conftest import colour_image
 from fastapi.testclient import TestClient
 from test_browser import free_port
 
 from catdog.serve.access import is_loopback
 from catdog.serve.app import ServeConfig, create_app, exposure_warning
-from catdog.train import TrainConfig, train
 
 KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("access")
-    data = make_kaggle_folder(root / "train", per_class=4)
-    train(TrainConfig(data=str(data), out=str(root / "run"), model="simple_cnn", strategy="finetune", epochs=1,
-                      batch_size=8, image_size=32, num_workers=0, progress=False), log=lambda _: None)
-    return root / "run"
+def model_file(served_run):
+    """The tiny run's exported model.onnx (conftest's `served_run`)."""
+    return served_run[1]
 
 
 @pytest.fixture(scope="module")
-def keyed_client(run_dir):
-    with TestClient(create_app(ServeConfig(run=str(run_dir), backend="torch", api_key=KEY))) as client:
+def keyed_client(model_file):
+    with TestClient(create_app(ServeConfig(model=str(model_file), api_key=KEY))) as client:
         yield client
 
 
@@ -65,8 +61,10 @@ def test_protected_endpoints_refuse_a_missing_or_wrong_key(keyed_client, headers
 def test_the_right_key_opens_everything_and_health_ready_page_stay_open(keyed_client):
     authorized = {"Authorization": f"Bearer {KEY}"}
     answer = keyed_client.post("/predict", files=upload(), headers=authorized)
-    assert answer.status_code == 200 and answer.json()["label"] in ("cat", "dog")
+    assert answer.status_code == 200 and answer.json()["label"] == "dog"
     assert keyed_client.post("/predict/batch", files=upload(), headers=authorized).json()["count"] == 1
+    explained = keyed_client.post("/explain", files=upload(), headers=authorized)  # the exported file's heatmaps
+    assert explained.status_code == 200 and explained.json()["label"] == "dog" and explained.json()["overlay_png"]
     assert "catdog_requests_total" in keyed_client.get("/metrics", headers=authorized).text
     schema = keyed_client.get("/openapi.json", headers=authorized).json()
     assert schema["components"]["securitySchemes"]["apiKey"] == {
@@ -82,9 +80,9 @@ def test_the_right_key_opens_everything_and_health_ready_page_stay_open(keyed_cl
     assert 'headers["Authorization"] = `Bearer ${key}`' in page.text and 'await post(explain ? "explain" : "predict", form)' in page.text
 
 
-def test_without_a_key_nothing_asks_for_one(run_dir, monkeypatch):
+def test_without_a_key_nothing_asks_for_one(model_file, monkeypatch):
     monkeypatch.delenv("CATDOG_API_KEY", raising=False)
-    with TestClient(create_app(ServeConfig(run=str(run_dir), backend="torch"))) as client:
+    with TestClient(create_app(ServeConfig(model=str(model_file)))) as client:
         assert client.post("/predict", files=upload()).status_code == 200
         schema = client.get("/openapi.json").json()
         assert "securitySchemes" not in schema.get("components", {})
@@ -103,7 +101,7 @@ def test_key_from_the_environment_and_bad_keys(monkeypatch):
 
 def test_workers_share_the_cores():
     cores = len(os.sched_getaffinity(0))
-    assert ServeConfig().inference_threads is None  # one worker: torch's default, all cores
+    assert ServeConfig().inference_threads is None  # one worker: one inference thread per physical core
     assert ServeConfig(workers=2).inference_threads == max(1, cores // 2)
     assert ServeConfig(workers=2 * cores).inference_threads == 1
     assert ServeConfig(workers=2, threads=3).inference_threads == 3
@@ -143,14 +141,13 @@ def request(port: int, method: str, path: str, body: bytes | None = None, header
 
 
 @pytest.mark.slow
-def test_two_workers_serve_one_port(run_dir, tmp_path):
+def test_two_workers_serve_one_port(model_file, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"
     environment = {**os.environ, "CATDOG_API_KEY": KEY}
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--run", str(run_dir), "--port", str(port),
-                                    "--backend", "torch", "--workers", "2"], stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=environment)
+        process = subprocess.Popen([sys.executable, "-m", "catdog.cli", "serve", "--model", str(model_file), "--port",
+                                    str(port), "--workers", "2"], stdout=log_file, stderr=subprocess.STDOUT, env=environment)
     try:
         deadline = time.time() + 120
         while "catdog serve ready" not in log_path.read_text() or log_path.read_text().count("catdog serve ready") < 2:
@@ -163,7 +160,7 @@ def test_two_workers_serve_one_port(run_dir, tmp_path):
         request_ids = []
         for _ in range(6):
             status, response_headers, payload = request(port, "POST", "/predict", body, headers)
-            assert status == 200 and json.loads(payload)["label"] in ("cat", "dog")
+            assert status == 200 and json.loads(payload)["label"] == "dog"
             request_ids.append(response_headers["x-request-id"])
         status, response_headers, _ = request(port, "GET", "/health")
         assert status == 200
