@@ -181,6 +181,47 @@ def test_predict_unreadable_inputs_raise_or_are_skipped(api_run, tmp_path):
         model.predict([3])
 
 
+def test_an_exported_file_and_the_run_on_onnx_runtime_predict_like_torch(api_run, tmp_path):
+    """catdog.load(model=FILE), catdog.load(run) on ONNX Runtime and catdog.load(run, backend="torch"): the same
+    probabilities and heatmaps; a file alone predicts without importing torch."""
+    from catdog.cli import main
+
+    run, data = api_run
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--run", str(run.path), "--out", str(out)]) == 0
+    from_file = catdog.load(model=out, device="cpu")
+    from_run = catdog.load(run, backend="onnxruntime", device="cpu")
+    with_torch = catdog.load(run, backend="torch", device="cpu")
+    assert from_file.run is None and from_file.class_names == ["cat", "dog"] and from_run.run.path == run.path
+    assert [m.predictor.backend for m in (from_file, from_run, with_torch)] == ["onnxruntime", "onnxruntime", "torch"]
+    photos = [data / "cat.0.jpg", data / "dog.0.jpg", colour_image(1, 77)]
+    reference = with_torch.predict(photos)
+    photo = data / "dog.1.jpg"
+    explained = with_torch.explain(photo)
+    for model in (from_file, from_run):
+        predictions = model.predict(photos)
+        assert [p.label for p in predictions] == [r.label for r in reference]
+        for prediction, expected in zip(predictions, reference):
+            assert prediction.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
+        explanation = model.explain(photo)
+        assert explanation.label == explained.label
+        assert np.allclose(explanation.probabilities, explained.probabilities, atol=1e-5)
+        assert np.allclose(explanation.heatmap, explained.heatmap, atol=1e-3)
+    with pytest.raises(ValueError, match="give a run or model=, not both"):
+        catdog.load(run, model=out)
+
+    code = f"""
+import sys, catdog
+model = catdog.load(model={str(out)!r}, device="cpu")
+[prediction] = model.predict({str(photo)!r})
+assert model.explain({str(photo)!r}).label == prediction.label
+print(prediction.label, round(prediction.confidence, 5), "torch" in sys.modules)
+"""
+    label, confidence, torch_imported = run_python(code).split()
+    expected = with_torch.predict(photo)[0]
+    assert (label, float(confidence), torch_imported) == (expected.label, pytest.approx(expected.confidence, abs=2e-5), "False")
+
+
 @pytest.mark.slow
 def test_load_without_a_run_is_the_builtin_model():
     model = catdog.load(backend="torch")
@@ -199,6 +240,12 @@ def test_load_refuses_what_is_not_a_run(tmp_path):
         catdog.load(tmp_path)
     with pytest.raises(RunError, match="refusing to load a pickled file"):
         catdog.load(tmp_path / "model.pt")
+    with pytest.raises(RunError, match="refusing to load a pickled file"):
+        catdog.load(model=tmp_path / "model.pt")
+    photo_as_model = tmp_path / "model.onnx"
+    colour_image(0, 3).save(photo_as_model, format="PNG")
+    with pytest.raises(RunError, match=f"{photo_as_model}: not a readable ONNX model"):
+        catdog.load(model=photo_as_model)
 
 
 @pytest.mark.slow
