@@ -21,8 +21,10 @@ A parity check runs after every export: the file's probabilities must match PyTo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +214,9 @@ def export_onnx_module(module: nn.Module, path: str | os.PathLike, input_size: i
         warnings.simplefilter("ignore")
         try:
             # The TorchScript-based exporter: quick, and it covers every backbone catdog ships.
-            torch.onnx.export(module, (example,), str(temporary), input_names=["images"], output_names=list(output_names),
-                              dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+            with native_stdout_silenced():
+                torch.onnx.export(module, (example,), str(temporary), input_names=["images"], output_names=list(output_names),
+                                  dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
         except Exception:
             # e.g. adaptive pooling to a size that does not divide the input (simple_cnn at small sizes):
             # the torch.export-based exporter handles it.
@@ -227,6 +230,22 @@ def export_onnx_module(module: nn.Module, path: str | os.PathLike, input_size: i
                 entry.key, entry.value = key, value
             onnx.save(model, str(temporary))
     return path
+
+
+@contextlib.contextmanager
+def native_stdout_silenced():
+    """Standard output closed at the file-descriptor level for a moment. torch's TorchScript exporter switches its
+    C++ log on whatever it was asked (`setup_onnx_logging` tests the function `_jit_is_onnx_log_enabled` itself,
+    always true) and, when it fails over to the other exporter, prints the whole graph to standard output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def model_file_metadata(meta: RunMeta, offset: tuple[float, float], weights_sha1: str = "") -> dict[str, str]:
