@@ -50,7 +50,9 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     assert json.loads(metadata["class_names"]) == ["cat", "dog"]
     assert json.loads(metadata["preprocess"])["input_size"] == 64
     assert RunMeta.from_dict(json.loads(metadata["catdog_meta"])) == read_meta(run_dir)
-    assert metadata["weights_sha1"] == hashlib.sha1((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    # the digest of what the export is made of: the weights, then the out-of-distribution bank
+    made_of = (run_dir / "model.safetensors").read_bytes() + (run_dir / "ood.safetensors").read_bytes()
+    assert metadata["weights_sha1"] == hashlib.sha1(made_of).hexdigest()
     offset = json.loads(metadata["heatmap_offset"])
     # EfficientNet's stride-32 cells look about (32 - 1) / 2 pixels up and left of where upsampling puts them.
     assert len(offset) == 2 and all(-32 < value < 0 for value in offset), offset

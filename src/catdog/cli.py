@@ -34,9 +34,10 @@ def _command_evaluate(arguments) -> int:
 
 def _command_predict(arguments) -> int:
     from catdog.model_files import load_predictor
-    from catdog.predict import PredictConfig, launched_processes, run_predict
+    from catdog.predict import PredictConfig, collect_or_fail, launched_processes, run_predict
 
     config = config_from_arguments(PredictConfig, arguments, arguments.config)
+    collect_or_fail(config.paths)  # nothing to predict: say so before loading (or exporting) a model
     if launched_processes() > 1:  # under torchrun: the ranks share the files (torch.distributed)
         require_extra("train", what="predicting under torchrun")
         from catdog.backends import run_predict_across_ranks  # the training layer, installed (checked above)
@@ -94,8 +95,10 @@ def _command_tune(arguments) -> int:
 def _command_explain(arguments) -> int:
     from catdog.explain import ExplainConfig, run_explain
     from catdog.model_files import load_predictor
+    from catdog.predict import collect_or_fail
 
     config = config_from_arguments(ExplainConfig, arguments, arguments.config)
+    collect_or_fail(config.paths)  # nothing to explain: say so before loading (or exporting) a model
     return run_explain(config, load_predictor(config.model, config.run, "onnxruntime", "cpu", config.cache_dir or None))
 
 

@@ -225,12 +225,18 @@ def load_model_file(path: str | os.PathLike, threads: int | None = None, device:
 
 
 def weights_digest(run: str | os.PathLike) -> str:
-    """The SHA-1 of a run's weights file: an export records it, so a stale model.onnx is never used."""
-    path = Path(run) / MODEL_FILE
-    try:
-        return hashlib.sha1(path.read_bytes()).hexdigest()
-    except OSError as error:
-        raise RunError(f"{path}: cannot read the weights ({error})") from error
+    """The SHA-1 of what a run's export is made of: its weights file and, when it has one, its out-of-distribution
+    bank (`ood.safetensors`). An export records it, so a stale model.onnx is never used."""
+    digest = hashlib.sha1()
+    for name in (MODEL_FILE, "ood.safetensors"):
+        path = Path(run) / name
+        if name != MODEL_FILE and not path.is_file():
+            continue
+        try:
+            digest.update(path.read_bytes())
+        except OSError as error:
+            raise RunError(f"{path}: cannot read the weights ({error})") from error
+    return digest.hexdigest()
 
 
 def load_run_model_file(run: str | os.PathLike, threads: int | None = None, device: str = "cpu",
