@@ -118,21 +118,21 @@ class Severities:
     why: str
 
 
-# The two severities each kind is measured at (issue 17: never tune to one severity; the stronger at least as
-# strong as the issue's floor, given in `why`).
+# The two severities each kind is measured at (issue 17: never tune to one severity). The stronger is the issue's
+# acceptance severity (its floor, in `why`); the milder is damage as common, less of it.
 SEVERITIES: dict[str, Severities] = {
-    "jpeg": Severities("JPEG quality", 30, 10, "30: a messaging app's re-compression; 10 (issue: <= 15): blocky, "
-                       "colour bleeding, ImageNet-C's JPEG severity 4-5"),
-    "thumbnail": Severities("px on the short side", 128, 80, "128: a gallery thumbnail; 80 (issue: <= 100): a "
-                            "chat preview or a small avatar, 40% of the 200-px photos' side"),
-    "blur": Severities("Gaussian sigma / short side", 0.005, 0.012, "0.5%: slightly soft focus; 1.2% (issue: "
-                       ">= 0.8%): 2.4 px on a 200-px photo, ImageNet-C's blur severity 3 (sigma 3 px at 224 px)"),
+    "jpeg": Severities("JPEG quality", 30, 15, "30: a messaging app's re-compression; 15 (issue: <= 15): blocky, "
+                       "colour bleeding, about ImageNet-C's JPEG severity 4"),
+    "thumbnail": Severities("px on the short side", 128, 96, "128: a gallery thumbnail; 96 (issue: <= 100): a chat "
+                            "preview or a small avatar, half the 200-px photos' side"),
+    "blur": Severities("Gaussian sigma / short side", 0.004, 0.008, "0.4%: slightly soft focus; 0.8% (issue: "
+                       ">= 0.8%): 1.6 px on a 200-px photo, about ImageNet-C's blur severity 2 (sigma 2 px at 224 px)"),
     "grey": Severities("share of colour removed", 0.5, 1.0, "0.5: faded colours; 1: a black-and-white photo"),
     "dark": Severities("brightness factor", 0.6, 0.35, "0.6: a dim room; 0.35 (issue): badly under-exposed, shadow "
                        "detail lost to 8 bits"),
-    "noise": Severities("sigma of 255", 12, 30, "12: a phone in low light; 30 (issue: >= 25): heavy grain, "
-                        "ImageNet-C's Gaussian noise severity 3-4"),
-    "screenshot": Severities("photo width / page width", 0.75, 0.45, "0.75: a photo filling most of a page; 0.45 "
+    "noise": Severities("sigma of 255", 12, 25, "12: a phone in low light; 25 (issue: >= 25): heavy grain, about "
+                        "ImageNet-C's Gaussian noise severity 3"),
+    "screenshot": Severities("photo width / page width", 0.75, 0.55, "0.75: a photo filling most of a page; 0.55 "
                              "(issue: <= 55%): a photo in a column of a web page or chat window"),
     "sideways": Severities("degrees counter-clockwise", 270, 90, "both are a quarter turn (the issue's 90 degrees), "
                            "one each way: a phone held either way round, its EXIF tag lost"),

@@ -43,6 +43,7 @@ class EvaluateConfig:
     cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
     ood_data: str = option("", "a folder of photos that show none of the classes: measure how well the run says \"neither\" (AUROC, shares accepted and refused at its threshold, ood_scores.png)", metavar="DIR")
+    corruptions: bool = option(False, "also score the photos under common damage (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; each at two severities, catdog/corruptions.py): a table in metrics.json (`corruptions`) and corruptions.png; head runs through the feature cache (damaged views are cached too), others through the predictor; minutes on a CPU")
 
     def __post_init__(self):
         if not self.run:
@@ -93,6 +94,9 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     if config.ood_data:
         metrics["out_of_distribution"] = evaluate_out_of_distribution(config.ood_data, outcome, score_photos,
                                                                       meta.ood_threshold, out_dir, log)
+    if config.corruptions:
+        metrics["corruptions"] = corruption_table(config, images, log)
+        plot_corruptions(metrics["corruptions"], out_dir / "corruptions.png")
     write_json_atomic(out_dir / "metrics.json", metrics)
     relative_paths = images.relative_paths()  # once: it resolves every path
     scored_paths = [relative_paths[i] for i in outcome.indices]
@@ -105,6 +109,8 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     plot_mistakes([images.paths[outcome.indices[i]] for i in mistakes], labels[mistakes], outcome.probabilities[mistakes],
                   class_names, out_dir / "mistakes.png")
     log(format_metrics(metrics))
+    if "corruptions" in metrics:
+        log(format_corruptions(metrics["corruptions"]) + "\n(corruptions.png)")
     log(f"wrote metrics.json, predictions.csv, confusion_matrix.png, roc.png, reliability.png and mistakes.png "
         f"({len(mistakes)} most confident mistakes) to {out_dir}")
     return metrics
@@ -257,3 +263,192 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, class_names: list[st
     figure.tight_layout()
     write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
     plt.close(figure)
+
+
+# ---------------------------------------------------------------- damaged photos (--corruptions)
+
+
+def corruption_table(config: EvaluateConfig, images, log=print) -> dict:
+    """Accuracy and log loss on `images` clean and under each kind of damage at its two severities
+    (`corruptions.SEVERITIES`), each photo's damage seeded by its content digest, so a head run through the feature
+    cache and any run through its predictor see the same damaged pixels.
+
+    Every condition is scored as `predict` scores a photo: the first view, and the mirror view where the run would
+    add it (below its `mirror_below` confidence; `--tta` every photo, `--no-tta` none); the clean row the same way,
+    so the rows compare."""
+    from catdog import corruptions
+
+    run_dir = Path(config.run)
+    meta = read_meta(run_dir)
+    class_names = list(meta.class_names)
+    mapping = [class_names.index(name) for name in images.class_names]
+    labels = np.array([mapping[label] for label in images.labels])
+    through_cache = config.feature_cache and meta.strategy == "head"
+    scorer = (_CachedHeadScorer(run_dir, config) if through_cache
+              else _PredictorScorer(load_run_predictor(config.run, config.backend, config.device, config.cache_dir or None),
+                                    config.batch_size))
+    log(f"damaged photos: {len(images)} photos x {len(corruptions.conditions())} conditions "
+        + ("through the cached backbone features" if through_cache else "through the predictor"))
+
+    def row(condition: str | None) -> dict:
+        indices, probabilities = scorer.score(images.paths, condition, config.tta)
+        truth = labels[indices]
+        chosen = np.clip(probabilities[np.arange(len(indices)), truth], 1e-15, 1.0)
+        return {"accuracy": float((probabilities.argmax(axis=1) == truth).mean()) if len(indices) else float("nan"),
+                "log_loss": float(-np.log(chosen).mean()) if len(indices) else float("nan"), "count": len(indices)}
+
+    mirror_rule = {None: "as predict: the mirror view below the run's mirror_below confidence", True: "every photo",
+                   False: "none"}[config.tta]
+    table = {"photos": len(images), "mirror_view": mirror_rule, "clean": row(None), "conditions": [],
+             "severities": {kind: {"unit": s.unit, "mild": s.mild, "strong": s.strong, "why": s.why}
+                            for kind, s in corruptions.SEVERITIES.items()}}
+    for kind, severity in corruptions.conditions("both"):
+        level = "strong" if severity == corruptions.SEVERITIES[kind].strong else "mild"
+        result = row(corruptions.condition_name(kind, severity))
+        table["conditions"].append({"kind": kind, "severity": severity, "level": level, **result})
+        log(f"  {kind:<10} {level:<6} {severity:>6g}  accuracy {result['accuracy']:.4f}  log loss {result['log_loss']:.4f}")
+    for level in ("strong", "mild"):
+        rows = [r for r in table["conditions"] if r["level"] == level]
+        worst = min(rows, key=lambda r: r["accuracy"])
+        table[f"{level}_summary"] = {"mean_accuracy": float(np.mean([r["accuracy"] for r in rows])),
+                                     "mean_log_loss": float(np.mean([r["log_loss"] for r in rows])),
+                                     "min_accuracy": worst["accuracy"], "worst_kind": worst["kind"]}
+    return table
+
+
+class _CachedHeadScorer:
+    """A head run's calibrated probabilities from cached features of damaged (or clean) views."""
+
+    def __init__(self, run_dir: Path, config: EvaluateConfig):
+        self.model, self.meta = load_model(run_dir)
+        self.device, self.backend = resolve_device(config.device), config.backend
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
+
+    def _features(self, paths: list, view: str):
+        from catdog.features import extract_features
+
+        return extract_features(paths, lambda: self.model.backbone, self.meta.model_name, self.meta.preprocess, (view,),
+                                device=self.device, backend=self.backend, cache_dir=self.cache_dir)
+
+    def _logits(self, features: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.head(torch.from_numpy(np.ascontiguousarray(features))).numpy()
+
+    def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
+        from catdog.probabilities import softmax
+
+        first, mirror = ("original", "flipped") if condition is None else (condition, f"{condition}+flipped")
+        features = self._features(paths, first)
+        usable = np.flatnonzero(features.valid_mask())
+        logits = self._logits(features.features[usable, 0])
+        probabilities = softmax(logits / self.meta.temperature)
+        if tta is not None:
+            mirrored = np.full(len(usable), bool(tta))
+        elif not self.meta.tta:
+            mirrored = np.zeros(len(usable), dtype=bool)
+        elif self.meta.mirror_below is None:
+            mirrored = np.ones(len(usable), dtype=bool)
+        else:  # as Predictor.uses_mirror_view
+            mirrored = probabilities.max(axis=1) < self.meta.mirror_below
+        rows = np.flatnonzero(mirrored)
+        if len(rows):
+            flipped = self._features([paths[i] for i in usable[rows]], mirror)
+            good = flipped.valid_mask()
+            logits[rows[good]] = (logits[rows[good]] + self._logits(flipped.features[good, 0])) / 2
+            probabilities = softmax(logits / self.meta.temperature)
+        return usable, probabilities
+
+
+class _PredictorScorer:
+    """Any run's calibrated probabilities from its predictor on damaged images (as `catdog predict` would see them)."""
+
+    def __init__(self, predictor, batch_size: int):
+        self.predictor, self.batch_size = predictor, max(1, batch_size)
+
+    def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
+        from catdog import corruptions
+        from catdog.features import file_digest
+        from catdog.images import ImageLoadError, load_image
+
+        indices, arrays, probabilities = [], [], []
+
+        def flush():
+            if arrays:
+                probabilities.append(self.predictor.predict_batch(np.stack(arrays), tta)[0])
+                arrays.clear()
+
+        for index, path in enumerate(paths):
+            try:
+                image = load_image(path)
+                if condition is not None:
+                    kind, severity = corruptions.parse_condition(condition)
+                    image = corruptions.damage(image, kind, severity, file_digest(path))
+            except (ImageLoadError, OSError):
+                continue
+            indices.append(index)
+            arrays.append(self.predictor.transform(image))
+            if len(arrays) >= self.batch_size:
+                flush()
+        flush()
+        classes = len(self.predictor.class_names)
+        return np.array(indices, dtype=int), np.concatenate(probabilities) if probabilities else np.zeros((0, classes))
+
+
+def format_corruptions(table: dict) -> str:
+    """The damaged-photos table as text: one line per kind, both severities."""
+    lines = [f"damaged photos ({table['photos']} photos; mirror view: {table['mirror_view']}): "
+             f"clean accuracy {table['clean']['accuracy']:.4f}  log loss {table['clean']['log_loss']:.4f}",
+             f"{'kind':<11}{'strong':>9} {'accuracy':>9} {'log loss':>9}   {'mild':>7} {'accuracy':>9} {'log loss':>9}"]
+    by_kind: dict[str, dict] = {}
+    for row in table["conditions"]:
+        by_kind.setdefault(row["kind"], {})[row["level"]] = row
+    for kind, levels in by_kind.items():
+        strong, mild = levels["strong"], levels["mild"]
+        lines.append(f"{kind:<11}{strong['severity']:>9g} {strong['accuracy']:>9.4f} {strong['log_loss']:>9.4f}   "
+                     f"{mild['severity']:>7g} {mild['accuracy']:>9.4f} {mild['log_loss']:>9.4f}")
+    for level in ("strong", "mild"):
+        summary = table.get(f"{level}_summary")
+        if summary:
+            lines.append(f"{level}: mean accuracy {summary['mean_accuracy']:.4f}, lowest {summary['min_accuracy']:.4f} "
+                         f"({summary['worst_kind']}); mean log loss {summary['mean_log_loss']:.4f}")
+    return "\n".join(lines)
+
+
+def plot_corruptions(table: dict, path: Path) -> None:
+    """Accuracy and log loss per kind of damage at both severities, the clean figures as a dashed line."""
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(row["kind"] for row in table["conditions"]))
+    values = {(row["kind"], row["level"]): row for row in table["conditions"]}
+    figure, axes_pair = plt.subplots(1, 2, figsize=(11, 4))
+    positions = np.arange(len(kinds))
+    for axes, key, name in ((axes_pair[0], "accuracy", "accuracy"), (axes_pair[1], "log_loss", "log loss")):
+        for offset, level, colour in ((-0.2, "mild", "#8fb3f0"), (0.2, "strong", "#2f6fed")):
+            heights = [values[(kind, level)][key] if (kind, level) in values else np.nan for kind in kinds]
+            axes.bar(positions + offset, heights, width=0.4, color=colour, label=level)
+        axes.axhline(table["clean"][key], color="black", linestyle="--", linewidth=1, label="clean")
+        axes.set_xticks(positions, kinds, rotation=30, ha="right")
+        axes.set_ylabel(name)
+        axes.grid(axis="y", alpha=0.3)
+    accuracies = [row["accuracy"] for row in table["conditions"]] + [table["clean"]["accuracy"]]
+    axes_pair[0].set_ylim(max(0.0, float(np.nanmin(accuracies)) - 0.02), 1.0)
+    axes_pair[0].legend(loc="lower left")
+    figure.suptitle(f"Damaged photos ({table['photos']} photos; each kind at two severities)")
+    figure.tight_layout()
+    write_with_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    plt.close(figure)
+
+
+def add_corruptions(config: EvaluateConfig, log=print) -> dict:
+    """The damaged-photos table of an existing evaluation (its metrics.json gains `corruptions`, its folder
+    corruptions.png) without redoing the rest; returns the updated metrics."""
+    run_dir = Path(config.run)
+    out_dir = Path(config.out) if config.out else run_dir / "evaluation"
+    images, _ = evaluation_images(run_dir, config.data, config.layout)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics["corruptions"] = corruption_table(config, images, log)
+    plot_corruptions(metrics["corruptions"], out_dir / "corruptions.png")
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    log(format_corruptions(metrics["corruptions"]))
+    return metrics

@@ -38,6 +38,7 @@ SECTIONS = {  # id: title, in page order (the browser test checks each one)
     "confusion-matrix": "Confusion matrix",
     "roc": "ROC curve",
     "calibration": "Calibration",
+    "damaged": "Damaged photos",
     "per-class": "Per-class precision, recall and F1",
     "samples": "Sample predictions",
     "mistakes": "Most confidently wrong, with Grad-CAM",
@@ -60,6 +61,7 @@ class ReportConfig:
     bootstrap: int = option(1000, "bootstrap resamples for the metrics' 95% intervals")
     device: str = option("auto", "where Grad-CAM and the label-error search run: auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seed of the sample grid and the bootstrap")
+    corruptions: bool = option(True, "the Damaged photos section: accuracy and log loss under common damage (evaluate --corruptions), run now when the evaluation has none (minutes on a CPU for a large validation split)")
 
     def __post_init__(self):
         if not self.run:
@@ -358,6 +360,40 @@ def calibration_section(evaluation: Path, metrics: dict, temperature: float) -> 
     return image_file_section(evaluation / "reliability.png", "reliability diagrams before and after the temperature", note)
 
 
+def damaged_photos_evaluation(run_dir: Path, config: ReportConfig, evaluation: Path, log=print) -> dict:
+    """The evaluation's metrics with its damaged-photos table, added now (`evaluate.add_corruptions`)."""
+    from catdog.evaluate import EvaluateConfig, add_corruptions
+
+    log("report: the evaluation has no damaged-photos table; running evaluate --corruptions")
+    return add_corruptions(EvaluateConfig(run=str(run_dir), data=config.data, out=str(evaluation), layout=config.layout,
+                                          device=config.device, corruptions=True), log=log)
+
+
+def damaged_photos_section(evaluation: Path, metrics: dict) -> str:
+    """evaluate --corruptions' table: each kind of damage at its two severities, and its plot."""
+    table_data = metrics.get("corruptions")
+    if not table_data:
+        return ("<p>Not measured; <code>catdog evaluate --run RUN --corruptions</code> (or a report without "
+                "<code>--no-corruptions</code>) scores the photos under common damage.</p>")
+    severities = table_data.get("severities", {})
+    rows = []
+    for row in table_data["conditions"]:
+        unit = severities.get(row["kind"], {}).get("unit", "")
+        rows.append([f"<b>{escape(row['kind'])}</b>", escape(row["level"]), f"{row['severity']:g} <small>{escape(unit)}</small>",
+                     f"{row['accuracy']:.4f}", f"{row['log_loss']:.4f}"])
+    clean = table_data["clean"]
+    summaries = "".join(
+        f"<li>{level}: mean accuracy {summary['mean_accuracy']:.4f}, lowest {summary['min_accuracy']:.4f} "
+        f"({escape(summary['worst_kind'])}), mean log loss {summary['mean_log_loss']:.4f}</li>"
+        for level in ("strong", "mild") if (summary := table_data.get(f"{level}_summary")))
+    text = (f"<p>The {table_data['photos']} evaluated photos under common damage (after ImageNet-C; "
+            "<code>catdog/corruptions.py</code> states each severity and why), each photo's damage seeded by its "
+            f"content; mirror view: {escape(table_data['mirror_view'])}. The same photos clean: accuracy "
+            f"{clean['accuracy']:.4f}, log loss {clean['log_loss']:.4f}.</p><ul>{summaries}</ul>")
+    return (text + table(["damage", "severity", "setting", "accuracy", "log loss"], rows, "damaged")
+            + image_file_section(evaluation / "corruptions.png", "accuracy and log loss under each kind of damage"))
+
+
 def per_class_section(metrics: dict, class_names: list[str]) -> str:
     rows = [[f"<b>{escape(name)}</b>", f"{values['precision']:.4f}", f"{values['recall']:.4f}", f"{values['f1']:.4f}", values["support"]]
             for name, values in metrics["per_class"].items()]
@@ -491,6 +527,8 @@ def build_report(config: ReportConfig, log=print) -> Path:
     meta = read_meta(run_dir)
     train_config, split = read_json(run_dir / "config.json"), read_json(run_dir / "split.json")
     evaluation, metrics, images = current_evaluation(run_dir, config, log)
+    if config.corruptions and "corruptions" not in metrics:
+        metrics = damaged_photos_evaluation(run_dir, config, evaluation, log)
     class_names = list(meta.class_names)
     scored = read_predictions(evaluation / "predictions.csv", Path(images.root), class_names)
     history = read_history(run_dir)
@@ -503,6 +541,7 @@ def build_report(config: ReportConfig, log=print) -> Path:
         "confusion-matrix": confusion_section(metrics, class_names),
         "roc": image_file_section(evaluation / "roc.png", "ROC curve"),
         "calibration": calibration_section(evaluation, metrics, meta.temperature),
+        "damaged": damaged_photos_section(evaluation, metrics),
         "per-class": per_class_section(metrics, class_names),
         "samples": samples_section(scored, class_names, config.samples, config.seed),
         "mistakes": mistakes_section(scored, class_names, config.mistakes, run_dir, config.device),

@@ -21,8 +21,8 @@ PRESETS = {
     # log loss 0.036, 2.6 min from raw JPEGs. default: Lite2 features at 300 px instead of its own 260 (see
     # `resolve_preprocess`): 99.3%, log loss 0.019, 6.3 min. Both validate and predict with mirror-image averaging;
     # a second run over the same photos reuses the cached features (16 s).
-    "fast": {"model": "efficientnet_lite0", "flip": True, "feature_image_size": 0},
-    "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300},
+    "fast": {"model": "efficientnet_lite0", "flip": True, "feature_image_size": 0, "damage_views": 0.0},
+    "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300, "damage_views": 0.0},
 }
 # history.csv: one row per epoch, written by `loop.Tracker`
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"]
@@ -40,6 +40,7 @@ class TrainConfig:
     unfreeze: float = option(1.0, "finetune: fraction of the backbone's weights that train, counted from its output end (0: only the head; 1: all)")
     augmentation: float = option(1.0, "finetune: augmentation strength from 0 (random crops of the whole photo only) to 1 (the tutorial's crops, flips, rotation and colour jitter)")
     flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
+    damage_views: float | None = option(None, "head strategy: damaged copies (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; catdog/corruptions.py) per training photo whose features the head also trains on, for robustness to damaged photos; a fraction gives one to that share of the photos; 0: none; default from preset", metavar="N")
     epochs: int = option(0, "epochs; 0: the strategy's default (head 40, finetune 10)")
     batch_size: int = option(0, "batch size, global: under torchrun split evenly among the processes; 0: the strategy's default (head 256, finetune 32)")
     lr: float = option(0.0, "peak learning rate; 0: the strategy's default (head 3e-3, finetune 3e-4, from scratch 1e-3)")
@@ -78,6 +79,10 @@ class TrainConfig:
         get_model_spec(self.model)  # fails early on an unknown name, listing the valid ones
         if self.flip is None:
             self.flip = preset["flip"]
+        if self.damage_views is None:
+            self.damage_views = preset["damage_views"]
+        if not 0.0 <= self.damage_views <= 8.0:
+            raise ValueError(f"damage_views must be between 0 and 8, got {self.damage_views}")
         if not get_model_spec(self.model).pretrained_by_default:
             self.pretrained = False
         for name in ("epochs", "batch_size", "step_size", "early_stopping", "image_size"):

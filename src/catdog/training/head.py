@@ -3,15 +3,22 @@
 The features of every training and validation photo (and its mirror image, with --flip) come from the feature
 cache or one pass of the backbone (`features.py`); the head then trains on those vectors with the shared loop
 (`loop.py`), in seconds per epoch. `catdog tune --strategy head` reuses `load_head_data` and `FeatureBatches`.
+
+With --damage-views the training photos also give features of damaged copies (`corruptions.training_damage`: a
+JPEG, a thumbnail, blur, ... drawn per photo), so the head learns what a damaged cat looks like to the frozen
+backbone; the clean views stay as they were, and validation (the temperature, the mirror-view threshold, early
+stopping) sees clean photos only.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,6 +81,7 @@ class HeadData:
     val_features: torch.Tensor
     val_labels: torch.Tensor
     skipped: list[ImageLoadError]
+    train_first_views: torch.Tensor | None = None  # [usable training photos, dim]: each one's clean original view
 
 
 def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
@@ -91,7 +99,9 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
         feature_set = extract_features_across_ranks(all_paths, backbone, config.model, preprocess, views, device=device,
                                                     cache_dir=cache_dir, num_workers=workers, progress=bar.update,
                                                     deadline=deadline, seed=config.seed)
-    if feature_set is None:
+    if feature_set is None:  # another rank of a torchrun launch: it shares the damaged views' extraction too
+        if config.damage_views:
+            damaged_training_views(config, backbone, preprocess, train_images, None, device, cache_dir, workers, log, deadline)
         return None
     log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
         f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
@@ -114,8 +124,48 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
 
     train_features, train_labels = usable("train", train_images)
     val_features, val_labels = usable("val", val_images)
-    return HeadData(train_features.reshape(-1, train_features.shape[-1]), train_labels.repeat_interleave(len(views)),
-                    val_features, val_labels, feature_set.errors)
+    samples = train_features.reshape(-1, train_features.shape[-1])
+    sample_labels = train_labels.repeat_interleave(len(views))
+    if config.damage_views:
+        usable_train = extracted["train"].valid_mask()
+        damaged, damaged_labels = damaged_training_views(config, backbone, preprocess, train_images, usable_train, device,
+                                                         cache_dir, workers, log, deadline)
+        samples, sample_labels = torch.cat([samples, damaged]), torch.cat([sample_labels, damaged_labels])
+    return HeadData(samples, sample_labels, val_features, val_labels, feature_set.errors, train_features[:, 0])
+
+
+def damaged_training_views(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess,
+                           train_images: LabelledImages, usable: np.ndarray | None, device: torch.device, cache_dir: Path,
+                           workers: int, log, deadline: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `config.damage_views` damaged views per training photo ("damaged-1", "damaged-2", ...; a
+    fraction gives the last view to that share of the photos, a seeded choice) and their labels. Only photos whose
+    clean views loaded (`usable`; None on the ranks of a torchrun launch other than 0, which only share the
+    extraction) take part; with a deadline, photos not reached are left out of this part only."""
+    whole, fraction = int(config.damage_views), config.damage_views - int(config.damage_views)
+    candidates = np.arange(len(train_images))  # the same plan on every rank
+    plan = [(f"damaged-{n + 1}", candidates) for n in range(whole)]
+    if fraction > 0:
+        chosen = np.random.default_rng(config.seed).permutation(candidates)[: round(fraction * len(candidates))]
+        plan.append((f"damaged-{whole + 1}", np.sort(chosen)))
+    features, labels, started = [], [], time.perf_counter()
+    computed = reached = 0
+    for view, positions in plan:
+        paths = [train_images.paths[i] for i in positions]
+        with progress_bar(config.progress and is_main_process(), len(shard(paths)), view) as bar:
+            feature_set = extract_features_across_ranks(paths, backbone, config.model, preprocess, (view,), device=device,
+                                                        cache_dir=cache_dir, num_workers=workers, progress=bar.update,
+                                                        deadline=deadline, seed=config.seed)
+        if feature_set is None:  # another rank: rank 0 trains
+            continue
+        mask = feature_set.valid_mask() & usable[positions]
+        features.append(torch.from_numpy(feature_set.features[mask, 0]))
+        labels.append(torch.tensor(train_images.labels)[torch.from_numpy(positions[mask])])
+        computed, reached = computed + feature_set.computed, reached + int(mask.sum())
+    if not features:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    log(f"damaged views: {reached} features of damaged training photos ({config.damage_views:g} per photo; "
+        f"{computed} computed) in {time.perf_counter() - started:.1f} s")
+    return torch.cat(features), torch.cat(labels)
 
 
 def extract_features_across_ranks(paths: list[Path], backbone: Callable[[], nn.Module], model_name: str,
@@ -198,7 +248,6 @@ def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, t
         # Each view's logits, [images, views, classes]: train validates on their mean, and chooses on them which
         # photos predict gives the mirror view (`probabilities.choose_mirror_threshold`).
         val_view_logits = head(val_features)
-    # The out-of-distribution score compares a photo's first view with the training photos' first views.
-    views = len(val_features[0]) if len(val_features) else 1
-    ood_features = (train_samples[::views].numpy(), val_features[:, 0].numpy())
+    # The out-of-distribution score compares a photo's first view with the training photos' first (clean) views.
+    ood_features = (data.train_first_views.numpy(), val_features[:, 0].numpy())
     return tracker.history, skipped, val_view_logits, val_labels, ood_features
