@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--order", default="before-first", choices=("before-first", "after-first"))
     parser.add_argument("--after", default="", help="extra train options of the after run, e.g. '--damage-views 1'")
     parser.add_argument("--no-train", action="store_true", help="reuse the runs in --work (no timings)")
+    parser.add_argument("--eval-cache", default="", help="feature cache for the evaluations (one that already holds "
+                        "the damaged validation photos' features saves their extraction); default: a copy of the "
+                        "before run's cold cache in --work")
     arguments = parser.parse_args()
     data = require_shared_data() / "train"
     work = Path(arguments.work)
@@ -63,7 +66,7 @@ def main() -> None:
             seconds[name] = train_cold(name, work, data, arguments.preset, recipes[name])
     # The damaged features are the same for both runs (same backbone, preprocessing and damage): one cache, seeded
     # with the clean features a cold run computed.
-    shared = work / "cache-evaluation"
+    shared = Path(arguments.eval_cache) if arguments.eval_cache else work / "cache-evaluation"
     if not shared.exists():
         shutil.copytree(work / "cache-before", shared)
     metrics = {name: evaluate(name, work, shared) for name in ("before", "after")}
