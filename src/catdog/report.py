@@ -39,6 +39,7 @@ SECTIONS = {  # id: title, in page order (the browser test checks each one)
     "roc": "ROC curve",
     "calibration": "Calibration",
     "damaged": "Damaged photos",
+    "neither": "Saying neither: photos unlike the training photos",
     "per-class": "Per-class precision, recall and F1",
     "samples": "Sample predictions",
     "mistakes": "Most confidently wrong, with Grad-CAM",
@@ -61,6 +62,7 @@ class ReportConfig:
     bootstrap: int = option(1000, "bootstrap resamples for the metrics' 95% intervals")
     device: str = option("auto", "where Grad-CAM and the label-error search run: auto, cpu, cuda or cuda:N")
     seed: int = option(0, "seed of the sample grid and the bootstrap")
+    ood_data: str = option("", "a folder of photos showing none of the classes: the Saying neither section measures the run's out-of-distribution score against them (evaluate --ood-data)", metavar="DIR")
     corruptions: bool = option(True, "the Damaged photos section: accuracy and log loss under common damage (evaluate --corruptions), run now when the evaluation has none (minutes on a CPU for a large validation split)")
 
     def __post_init__(self):
@@ -104,12 +106,13 @@ def current_evaluation(run_dir: Path, config: ReportConfig, log=print) -> tuple[
     needed = ("predictions.csv", "roc.png", "reliability.png")
     if metrics_path.is_file() and all((folder / name).is_file() for name in needed):
         metrics = json.loads(metrics_path.read_text())
-        if metrics.get("data") == description and "ece" in metrics:
+        wanted_ood = not config.ood_data or metrics.get("out_of_distribution", {}).get("data") == str(Path(config.ood_data))
+        if metrics.get("data") == description and "ece" in metrics and wanted_ood:
             log(f"report: reusing the evaluation in {folder}")
             return folder, metrics, images
     log(f"report: no current evaluation in {folder}; running catdog evaluate")
     metrics = evaluate_run(EvaluateConfig(run=str(run_dir), data=config.data, out=str(folder), layout=config.layout,
-                                          device=config.device), log=log)
+                                          device=config.device, ood_data=config.ood_data), log=log)
     return folder, metrics, images
 
 
@@ -369,6 +372,24 @@ def damaged_photos_evaluation(run_dir: Path, config: ReportConfig, evaluation: P
                                           device=config.device, corruptions=True), log=log)
 
 
+def neither_section(evaluation: Path, metrics: dict, meta: RunMeta) -> str:
+    """evaluate --ood-data's figures: how well the run tells its kind of photo from others, and the histograms."""
+    summary = metrics.get("out_of_distribution")
+    if not summary:
+        if meta.ood_threshold is None:
+            return "<p>This run has no out-of-distribution score (trained before catdog 0.5).</p>"
+        return (f"<p>The run says \"neither\" above an out-of-distribution score of {meta.ood_threshold:.4f}, "
+                f"which keeps {meta.ood_keep or 0.99:.0%} of its validation photos. Not measured against other photos: "
+                "<code>catdog report --ood-data DIR</code> with a folder of photos showing none of the classes.</p>")
+    rows = [["all", summary["other_photos"], f"{summary['other_accepted_share']:.2%}"]]
+    rows += [[escape(name), group["photos"], f"{group['accepted_share']:.2%}"] for name, group in summary["groups"].items()]
+    return (f"<p>Against {summary['other_photos']} photos of <code>{escape(summary['data'])}</code>: AUROC "
+            f"{summary['auroc']:.4f}; at the run's threshold ({summary['threshold']:.4f}) "
+            f"{summary['validation_refused_share']:.2%} of the evaluated photos are refused and these shares of the "
+            "other photos accepted:</p>" + table(["folder", "photos", "accepted"], rows)
+            + image_file_section(evaluation / "ood_scores.png", "histograms of the out-of-distribution scores"))
+
+
 def damaged_photos_section(evaluation: Path, metrics: dict) -> str:
     """evaluate --corruptions' table: each kind of damage at its two severities, and its plot."""
     table_data = metrics.get("corruptions")
@@ -542,6 +563,7 @@ def build_report(config: ReportConfig, log=print) -> Path:
         "roc": image_file_section(evaluation / "roc.png", "ROC curve"),
         "calibration": calibration_section(evaluation, metrics, meta.temperature),
         "damaged": damaged_photos_section(evaluation, metrics),
+        "neither": neither_section(evaluation, metrics, meta),
         "per-class": per_class_section(metrics, class_names),
         "samples": samples_section(scored, class_names, config.samples, config.seed),
         "mistakes": mistakes_section(scored, class_names, config.mistakes, run_dir, config.device),
