@@ -216,7 +216,9 @@ def test_sharded_predict_writes_the_one_process_csvs(tmp_path):
 
     one, two = read_rows(tmp_path / "one.csv"), read_rows(tmp_path / "two.csv")
     assert len(one) == 23 and [row[:2] for row in two] == [row[:2] for row in one]
-    assert np.allclose(np.array([row[2:] for row in two[1:]], float), np.array([row[2:] for row in one[1:]], float),
+    # every numeric column (probabilities and ood_score); the in_distribution decisions equal
+    assert [row[-1] for row in two] == [row[-1] for row in one]
+    assert np.allclose(np.array([row[2:-1] for row in two[1:]], float), np.array([row[2:-1] for row in one[1:]], float),
                        atol=1e-6, rtol=0)
     assert read_rows(tmp_path / "two.errors.csv") == read_rows(tmp_path / "one.errors.csv")
     assert len(read_rows(tmp_path / "one.errors.csv")) == 4

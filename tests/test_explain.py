@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 
 import numpy as np
 import pytest
@@ -110,8 +111,9 @@ def autograd_grad_cam(network: DeployableNetwork, images: torch.Tensor, target: 
     model = network.model
     if isinstance(model, ImageNetCatDogClassifier):
         log_probabilities = torch.log_softmax(model.imagenet_model.forward_head(feature_map), dim=1)
-        logits = torch.stack([torch.logsumexp(log_probabilities[:, list(IMAGENET_CAT_CLASSES)], dim=1),
-                              torch.logsumexp(log_probabilities[:, list(IMAGENET_DOG_CLASSES)], dim=1)], dim=1)
+        # each group's mean class probability (models.ImageNetCatDogClassifier)
+        logits = torch.stack([torch.logsumexp(log_probabilities[:, list(IMAGENET_CAT_CLASSES)], dim=1) - math.log(len(IMAGENET_CAT_CLASSES)),
+                              torch.logsumexp(log_probabilities[:, list(IMAGENET_DOG_CLASSES)], dim=1) - math.log(len(IMAGENET_DOG_CLASSES))], dim=1)
     elif isinstance(model.backbone, SimpleCNNBackbone):
         logits = model.head(model.backbone.dense(model.backbone.features[8:](feature_map)))
     else:

@@ -213,11 +213,13 @@ def test_predict_matches_the_full_install(runtime, model_file, photo_paths, work
     light_header, light_rows = read_csv(runtime_csv)
     assert light_header == full_header
     assert full_header[:3] == ["path", "label", "confidence"] and len(full_header) >= 5
-    assert all(name.startswith("prob_") for name in full_header[3:])
+    assert all(name.startswith("prob_") for name in full_header[3:-2])
+    assert full_header[-2:] == ["ood_score", "in_distribution"]
     assert [row["path"] for row in light_rows] == [row["path"] for row in full_rows] == [str(p) for p in photo_paths]
     for full_row, light_row in zip(full_rows, light_rows):
         assert light_row["label"] == full_row["label"], (full_row, light_row)
-        for column in full_header[2:]:
+        assert light_row["in_distribution"] == full_row["in_distribution"], (full_row, light_row)
+        for column in full_header[2:-1]:  # confidence, the probabilities and the out-of-distribution score
             assert abs(float(light_row[column]) - float(full_row[column])) <= TOLERANCE, (column, full_row, light_row)
 
 

@@ -35,8 +35,10 @@ def _command_evaluate(arguments) -> int:
 def _command_predict(arguments) -> int:
     from catdog.model_files import load_predictor
     from catdog.predict import PredictConfig, collect_or_fail, launched_processes, run_predict
+    from catdog.runs import check_not_pickle
 
     config = config_from_arguments(PredictConfig, arguments, arguments.config)
+    check_not_pickle(config.model or config.run)  # the more fundamental mistake is named first
     collect_or_fail(config.paths)  # nothing to predict: say so before loading (or exporting) a model
     if launched_processes() > 1:  # under torchrun: the ranks share the files (torch.distributed)
         require_extra("train", what="predicting under torchrun")

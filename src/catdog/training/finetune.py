@@ -188,30 +188,32 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
     barrier()  # rank 0 has written the best model
     best, _ = load_model(run_dir, device)
     model.load_state_dict(best.state_dict())
-    val_logits, val_labels, errors = gather_validation_logits(model, val_loader, val_positions, device, amp_dtype)
+    # One last pass over the validation photos gives both what calibration needs (logits) and what the
+    # out-of-distribution threshold needs (the backbone's features, which the head turns into those logits).
+    val_features, val_labels, errors = gather_validation_logits(model.backbone, val_loader, val_positions, device, amp_dtype)
     skipped.update({error.path: error for error in errors})
-    ood_features = out_of_distribution_features(model, train_images, val_loader, val_positions, preprocess, device,
-                                                amp_dtype, config.seed, options)
+    with torch.inference_mode():
+        val_logits = model.head(val_features.to(device).float()).float().cpu()
+    train_features = out_of_distribution_bank_features(model, train_images, val_loader.batch_size, preprocess, device,
+                                                       amp_dtype, config.seed, options)
     model.cpu()
-    return tracker.history, list(skipped.values()), val_logits, val_labels, ood_features
+    return tracker.history, list(skipped.values()), val_logits, val_labels, (train_features, val_features.numpy())
 
 
-def out_of_distribution_features(model: Classifier, train_images: LabelledImages, val_loader: DataLoader,
-                                 val_positions: list[int], preprocess: Preprocess, device: torch.device,
-                                 amp_dtype: torch.dtype | None, seed: int, options: dict) -> tuple:
+def out_of_distribution_bank_features(model: Classifier, train_images: LabelledImages, batch_size: int,
+                                      preprocess: Preprocess, device: torch.device, amp_dtype: torch.dtype | None,
+                                      seed: int, options: dict) -> np.ndarray:
     """The fine-tuned backbone's features (the vector its head sees) of a seeded sample of training photos, as
-    many as the out-of-distribution bank keeps, and of every validation photo: one pass without augmentation,
-    shared among the ranks like validation."""
+    many as the out-of-distribution bank keeps: one pass without augmentation, shared among the ranks."""
     chosen = np.arange(len(train_images))
     if len(chosen) > KNN_BANK_SIZE:
         chosen = np.sort(np.random.default_rng(seed).choice(len(chosen), KNN_BANK_SIZE, replace=False))
     positions = [int(chosen[i]) for i in shard_indices(len(chosen))]
     dataset = ImageFileDataset([train_images.paths[i] for i in positions], [train_images.labels[i] for i in positions],
                                eval_transform(preprocess), preprocess.resize_size)
-    loader = DataLoader(dataset, batch_size=val_loader.batch_size, **options)
+    loader = DataLoader(dataset, batch_size=batch_size, **options)
     train_features, _, _ = gather_validation_logits(model.backbone, loader, positions, device, amp_dtype)
-    val_features, _, _ = gather_validation_logits(model.backbone, val_loader, val_positions, device, amp_dtype)
-    return train_features.numpy(), val_features.numpy()
+    return train_features.numpy()
 
 
 class GlobalBatchSampler(DistributedSampler):
