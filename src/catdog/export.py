@@ -50,6 +50,7 @@ from catdog.models import (
 from catdog.inference import session_options
 from catdog.predict import EXPORTED_MODEL_FILE, MODEL_FORMAT, ZERO_TRAINING_STRATEGY, load_run_model_file, weights_digest
 from catdog.ood import OOD_FILE, KnnScorer
+from catdog.probabilities import softmax
 from catdog.runs import RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
 
@@ -296,7 +297,7 @@ def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weigh
         if json.loads(session.get_modelmeta().custom_metadata_map["class_names"]) != meta.class_names:
             raise ExportParityError("class names did not survive the export")
         (logits,) = session.run(["logits"], {"images": batch.numpy()})
-        difference = check_parity(reference, softmax_numpy(logits / meta.temperature), f"ONNX export of {meta.model_name}")
+        difference = check_parity(reference, softmax(logits / meta.temperature), f"ONNX export of {meta.model_name}")
         if network.has_ood_score:
             (scores,) = session.run(["ood_score"], {"images": batch.numpy()})
             check_parity(reference_outputs["ood_score"].numpy(), scores, f"ONNX export of {meta.model_name}'s out-of-distribution score")
@@ -306,11 +307,6 @@ def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weigh
         if staging.exists():
             staging.unlink()
     return difference
-
-
-def softmax_numpy(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def random_images(input_size: int, count: int) -> torch.Tensor:
@@ -407,7 +403,7 @@ def write_torchscript(model: nn.Module, meta: RunMeta, out: Path, batch: torch.T
         torch.jit.save(traced, str(staging), _extra_files=model_file_metadata(meta, (0.0, 0.0)))
         with torch.inference_mode():
             logits = torch.jit.load(str(staging)).eval()(batch).numpy()
-        difference = check_parity(reference, softmax_numpy(logits / meta.temperature), f"torchscript export of {meta.model_name}")
+        difference = check_parity(reference, softmax(logits / meta.temperature), f"torchscript export of {meta.model_name}")
         staging.replace(out)
     finally:
         if staging.exists():
