@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from catdog.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
 from catdog.checkpoint import load_model
@@ -23,10 +24,14 @@ from catdog.runs import RunError, check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
 from catdog.devices import resolve_device
+from catdog.features import extract_features, file_digest
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
+from catdog.images import ImageLoadError, load_image
 from catdog.metrics import classification_metrics
+from catdog import corruptions
 from catdog.backends import load_run_predictor
 from catdog.predict import PredictionOutcome
+from catdog.probabilities import softmax, uses_mirror_view
 
 
 @dataclass
@@ -159,10 +164,6 @@ def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device:
     """A head-strategy run's calibrated probabilities: its head on the frozen backbone's cached features (the
     backbone runs only on images not cached yet). Equal to running the whole network up to the float16 rounding
     of cached features, which is what training validated and calibrated on."""
-    import torch
-
-    from catdog.features import extract_features
-
     model, meta = load_model(run_dir)
     views = ("original", "flipped") if tta else ("original",)
     feature_set = extract_features(paths, lambda: model.backbone, meta.model_name, meta.preprocess, views,
@@ -276,8 +277,6 @@ def corruption_table(config: EvaluateConfig, images, log=print) -> dict:
     Every condition is scored as `predict` scores a photo: the first view, and the mirror view where the run would
     add it (below its `mirror_below` confidence; `--tta` every photo, `--no-tta` none); the clean row the same way,
     so the rows compare."""
-    from catdog import corruptions
-
     run_dir = Path(config.run)
     meta = read_meta(run_dir)
     class_names = list(meta.class_names)
@@ -325,34 +324,20 @@ class _CachedHeadScorer:
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
 
     def _features(self, paths: list, view: str):
-        from catdog.features import extract_features
-
         return extract_features(paths, lambda: self.model.backbone, self.meta.model_name, self.meta.preprocess, (view,),
                                 device=self.device, backend=self.backend, cache_dir=self.cache_dir)
 
     def _logits(self, features: np.ndarray) -> np.ndarray:
-        import torch
-
         with torch.inference_mode():
             return self.model.head(torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
     def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
-        from catdog.probabilities import softmax
-
         first, mirror = ("original", "flipped") if condition is None else (condition, f"{condition}+flipped")
         features = self._features(paths, first)
         usable = np.flatnonzero(features.valid_mask())
         logits = self._logits(features.features[usable, 0])
         probabilities = softmax(logits / self.meta.temperature)
-        if tta is not None:
-            mirrored = np.full(len(usable), bool(tta))
-        elif not self.meta.tta:
-            mirrored = np.zeros(len(usable), dtype=bool)
-        elif self.meta.mirror_below is None:
-            mirrored = np.ones(len(usable), dtype=bool)
-        else:  # as Predictor.uses_mirror_view
-            mirrored = probabilities.max(axis=1) < self.meta.mirror_below
-        rows = np.flatnonzero(mirrored)
+        rows = np.flatnonzero(uses_mirror_view(probabilities, tta, self.meta.tta, self.meta.mirror_below))
         if len(rows):
             flipped = self._features([paths[i] for i in usable[rows]], mirror)
             good = flipped.valid_mask()
@@ -368,10 +353,6 @@ class _PredictorScorer:
         self.predictor, self.batch_size = predictor, max(1, batch_size)
 
     def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
-        from catdog import corruptions
-        from catdog.features import file_digest
-        from catdog.images import ImageLoadError, load_image
-
         indices, arrays, probabilities = [], [], []
 
         def flush():

@@ -59,4 +59,8 @@ def load_predictor(model: str = "", run: str = "", backend: str = "auto", device
         from catdog.backends import load_torch_predictor  # the training layer, installed (checked above)
 
         return load_torch_predictor(run or None, device, ood_keep)
+    if run and not model:  # the run's own current model.onnx, opened once (model_file_for would open it to check)
+        own = load_run_model_file(run, threads, device, ood_keep)
+        if own is not None:
+            return own
     return load_model_file(model_file_for(model, run, cache_dir), threads, device, ood_keep)

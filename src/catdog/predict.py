@@ -30,7 +30,7 @@ from catdog.config import option
 from catdog.data import DataError, broken_link_problem, describe_left_out, find_image_files
 from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, load_image
-from catdog.probabilities import softmax, threshold_keeping
+from catdog.probabilities import softmax, threshold_keeping, uses_mirror_view
 from catdog.progress import progress_bar
 from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
@@ -119,18 +119,8 @@ class Predictor:
         return self.network.run(images, ("logits",))["logits"]
 
     def uses_mirror_view(self, first_view_probabilities: np.ndarray, tta: bool | None = None) -> np.ndarray:
-        """Which photos (a boolean per row) also get their mirror image. tta=True: all; False: none; None (the
-        default): as the run was validated: none without mirror averaging; with it, the photos whose first-view
-        confidence is below the run's threshold (`meta.mirror_below`, chosen on the validation split so that this
-        keeps the accuracy and log loss of averaging every photo at about half the cost), or all without one."""
-        count = len(first_view_probabilities)
-        if tta is not None:
-            return np.full(count, bool(tta))
-        if not self.meta.tta:
-            return np.zeros(count, dtype=bool)
-        if self.meta.mirror_below is None:
-            return np.ones(count, dtype=bool)
-        return first_view_probabilities.max(axis=1) < self.meta.mirror_below
+        """Which photos also get their mirror image (`probabilities.uses_mirror_view`, with this run's rule)."""
+        return uses_mirror_view(first_view_probabilities, tta, self.meta.tta, self.meta.mirror_below)
 
     def predict_batch(self, images: np.ndarray, tta: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated class probabilities [N, classes] for a preprocessed batch [N, 3, S, S] (see

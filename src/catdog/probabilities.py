@@ -63,3 +63,19 @@ def threshold_keeping(validation_scores, keep: float) -> float:
         raise ValueError(f"the share of validation photos to keep must be in (0, 1], got {keep}")
     return float(np.quantile(scores, keep, method="higher"))
 
+
+def uses_mirror_view(first_view_probabilities: np.ndarray, tta: bool | None, validated_with_mirror: bool,
+                     mirror_below: float | None) -> np.ndarray:
+    """Which photos (a boolean per row) also get their mirror image. tta=True: all; False: none; None (the
+    default): as the run was validated: none without mirror averaging; with it, the photos whose first-view
+    confidence is below the run's threshold (`mirror_below`, chosen on the validation split by
+    `choose_mirror_threshold`), or all without one."""
+    count = len(first_view_probabilities)
+    if tta is not None:
+        return np.full(count, bool(tta))
+    if not validated_with_mirror:
+        return np.zeros(count, dtype=bool)
+    if mirror_below is None:
+        return np.ones(count, dtype=bool)
+    return first_view_probabilities.max(axis=1) < mirror_below
+
