@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from catdog.runs import RunMeta
 from catdog.predict import Predictor
-from catdog.probabilities import MIRROR_MIN_VALIDATION_IMAGES, choose_mirror_threshold, softmax
+from catdog.probabilities import MIRROR_MIN_VALIDATION_IMAGES, choose_mirror_threshold, softmax, threshold_keeping
 from catdog.transforms import Preprocess
 
 
@@ -85,3 +86,14 @@ def test_the_predictor_runs_the_mirror_view_only_below_the_threshold():
     np.testing.assert_allclose(selective[~unsure], first_view[~unsure], atol=1e-6)
     np.testing.assert_allclose(predictor.probabilities(images, tta=True), everything, atol=1e-6)
     np.testing.assert_allclose(predictor.probabilities(images, tta=False), first_view, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99, 1.0])
+def test_the_out_of_distribution_threshold_keeps_its_share_and_sits_between_photos(keep):
+    scores = np.random.default_rng(3).uniform(0.2, 0.9, 200)
+    threshold = threshold_keeping(scores, keep)
+    kept = scores <= threshold
+    assert kept.mean() >= keep and kept.sum() <= np.ceil(keep * 199) + 1
+    # No photo on the line: the float32 scores of the exported file make the same decisions.
+    assert not np.isclose(scores, threshold, rtol=0, atol=1e-5).any()
+    assert ((scores.astype(np.float32) <= np.float32(threshold)) == kept).all()

@@ -81,8 +81,11 @@ def test_zero_training_model_separates_cats_from_dogs(shared_data):
     with torch.inference_mode():
         probabilities = model(torch.from_numpy(np.stack([transform(load_image(p)) for p in paths]))).softmax(1)
     predicted = probabilities.argmax(1)
-    # Chance is 50%; on all 6,000 shared photos this model scores 89% (its misses are cats it calls other things).
-    assert (predicted == torch.tensor([0] * 40 + [1] * 40)).float().mean() >= 0.8
+    # Chance is 50%; on all 6,000 shared photos this model scores 98.9% (catdog 0.4's summed classes: 89.6%, with
+    # every miss a cat called a dog), so on these 80 more than 4 misses, or more than 2 cats called dogs, means it broke.
+    truth = torch.tensor([0] * 40 + [1] * 40)
+    assert (predicted == truth).float().mean() >= 0.95
+    assert ((predicted != truth) & (truth == 0)).sum() <= 2
 
 
 # ---------------------------------------------------------------- timm's model zoo, offline

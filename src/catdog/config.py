@@ -38,7 +38,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, po
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         kind = _base_type(hints[field.name])
-        help_text = field.metadata.get("help", "")
+        # argparse formats help with %: a literal one ("99%") must be doubled, or --help fails.
+        help_text = field.metadata.get("help", "").replace("%", "%%")
         choices = field.metadata.get("choices")
         if field.name in positional:
             parser.add_argument(field.name, nargs="*" if typing.get_origin(kind) is list else None, help=help_text)

@@ -111,7 +111,7 @@ class Predictor:
 
     def describe(self) -> str:
         if self.is_zero_training:
-            return "the built-in zero-training cat/dog model (ImageNet EfficientNet-Lite0 at 320 px, mean cat- and dog-class probabilities)"
+            return "the built-in zero-training cat/dog model (ImageNet EfficientNet-Lite2 at 300 px, mean cat- and dog-class probabilities)"
         return f"{self.meta.model_name} ({', '.join(self.class_names)}) via {self.backend}"
 
     def logits(self, images: np.ndarray) -> np.ndarray:

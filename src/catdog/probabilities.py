@@ -55,13 +55,20 @@ def choose_mirror_threshold(view_logits: np.ndarray, labels: np.ndarray, tempera
 
 
 def threshold_keeping(validation_scores, keep: float) -> float:
-    """The out-of-distribution score at or below which a share `keep` of the validation photos lies."""
-    scores = np.asarray(validation_scores, dtype=np.float64)
+    """The out-of-distribution score at or below which a share `keep` of the validation photos lies.
+
+    Halfway between the last kept photo's score and the next one up, not on a photo's own score: the exported file
+    computes the score in float32, and a photo sitting exactly on the line could then fall either side of it (it
+    did: one of 200 refused in training, two through the ONNX file)."""
+    scores = np.sort(np.asarray(validation_scores, dtype=np.float64))
     if not len(scores):
         raise ValueError("no validation scores to choose an out-of-distribution threshold on")
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"the share of validation photos to keep must be in (0, 1], got {keep}")
-    return float(np.quantile(scores, keep, method="higher"))
+    last_kept = int(np.ceil(keep * (len(scores) - 1)))  # np.quantile's "higher" position
+    if last_kept + 1 < len(scores):
+        return float((scores[last_kept] + scores[last_kept + 1]) / 2)
+    return float(scores[-1] + max(1e-3, 1e-3 * abs(scores[-1])))
 
 
 def uses_mirror_view(first_view_probabilities: np.ndarray, tta: bool | None, validated_with_mirror: bool,
