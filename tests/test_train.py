@@ -12,6 +12,7 @@ from conftest import make_kaggle_folder
 
 from catdog.checkpoint import load_model, load_training_state
 
+from catdog.ood import OOD_FILE, fit_out_of_distribution
 from catdog.runs import LAST_CHECKPOINT_FILE
 from catdog.train import TrainConfig, train
 from catdog.training.config import resolve_preprocess, resolve_strategy, strategy_defaults
@@ -168,3 +169,13 @@ def test_cosine_schedule_warms_up_then_decays():
         optimizer.step()
         scheduler.step()
     assert rates[0] < rates[9] <= 1.0 and rates[10] == pytest.approx(1.0, abs=0.01) and rates[-1] < 0.01
+
+
+@pytest.mark.parametrize(("train_photos", "validation_photos", "warned"), [(800, 200, True), (2400, 600, False)])
+def test_a_small_data_set_is_told_that_neither_is_unreliable(tmp_path, train_photos, validation_photos, warned):
+    features = np.random.default_rng(0).normal(size=(train_photos + validation_photos, 16)).astype(np.float32)
+    lines: list[str] = []
+    threshold, scores = fit_out_of_distribution(features[:train_photos], features[train_photos:], 0.99, tmp_path, log=lines.append)
+    assert (tmp_path / OOD_FILE).is_file() and len(scores) == validation_photos
+    assert np.mean(np.array(scores) <= threshold) >= 0.99
+    assert any(line.startswith('warning: "neither" rests on') for line in lines) == warned

@@ -99,6 +99,11 @@ class KnnScore(nn.Module):
         return 1.0 - similarity.topk(self.k, dim=1).values[:, -1]
 
 
+# Below these, "neither" was measured to be unreliable (benchmarks/ood.py: 800 training and 200 validation photos of
+# the shared set let 37-45% of not-pets through; 4,800 and 1,200 let 0.1-0.3% through), so training says so.
+SMALL_BANK, SMALL_VALIDATION = 2000, 500
+
+
 def fit_out_of_distribution(train_features: np.ndarray, val_features: np.ndarray, keep: float, run_dir: Path,
                             seed: int = 0, log=print) -> tuple[float, list[float]]:
     """Fit the scorer on the training vectors, save it in the run (`ood.safetensors`), score the validation photos
@@ -109,6 +114,11 @@ def fit_out_of_distribution(train_features: np.ndarray, val_features: np.ndarray
     threshold = threshold_keeping(validation_scores, keep)
     log(f"out-of-distribution: {len(scorer.bank)}-photo bank, k={scorer.k}; threshold {threshold:.4f} keeps "
         f"{(validation_scores <= threshold).mean():.1%} of the validation photos")
+    if len(scorer.bank) < SMALL_BANK or len(validation_scores) < SMALL_VALIDATION:
+        log(f"warning: \"neither\" rests on {len(scorer.bank)} training and {len(validation_scores)} validation photos; "
+            "on the shared Kaggle photos a 1,000-photo data set let about 40% of photos showing neither class through "
+            "(under 1% with 6,000; BENCHMARKS.md). Measure it with `catdog evaluate --ood-data DIR` on photos like "
+            "those your users may send, and move the threshold with predict's or serve's --ood-keep")
     return threshold, [round(float(score), 6) for score in validation_scores]
 
 
