@@ -5,12 +5,13 @@ fixed time, after an untimed `catdog predict` that fills the ONNX cache as a fir
 p50 and p99 latency, errors and the server's peak RSS (summed over its worker processes), and the ratios. With
 --workers 1 2 it runs `catdog serve --workers N` for each N and also prints the ratios against one worker. With
 --soak S it then holds 16 clients on catdog for S seconds and prints RSS at the start and end (memory must stay
-flat), and sends every kind of bad input to check that none gets a 5xx.
+flat), and sends every kind of bad input to check that none gets a 5xx. With --run RUN catdog serves that run
+(`catdog serve --run RUN`) instead of the built-in model.
 
 The clients set TCP_NODELAY, as urllib3 (requests) does by default: http.client writes the headers and a body over
 2,920 bytes separately, and Nagle's algorithm could hold the second write until the server's delayed ACK.
 
-    python benchmarks/serve_load.py [--seconds 15] [--soak 60] [--workers 1 2]
+    python benchmarks/serve_load.py [--seconds 15] [--soak 60] [--workers 1 2] [--run RUN]
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def wait_ready(port: int, path: str, timeout: float = 180) -> None:
     raise RuntimeError(f"server on port {port} not ready")
 
 
-def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, seconds: float) -> dict:
+def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, seconds: float, keep_latencies: bool = False) -> dict:
+    """requests/s, p50 and p99 latency (ms), errors and answers of `clients` closed-loop clients for `seconds`;
+    keep_latencies: also every answer's latency in seconds (`latencies`), to pool several measurements."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -121,8 +124,9 @@ def closed_loop(port: int, bodies: list[tuple[bytes, str]], clients: int, second
         thread.join()
     wall = time.perf_counter() - started
     values = np.array(latencies) if latencies else np.array([float("nan")])
-    return {"requests_per_second": len(latencies) / wall, "p50_ms": 1000 * float(np.percentile(values, 50)),
-            "p99_ms": 1000 * float(np.percentile(values, 99)), "errors": errors[0], "ok": len(latencies)}
+    result = {"requests_per_second": len(latencies) / wall, "p50_ms": 1000 * float(np.percentile(values, 50)),
+              "p99_ms": 1000 * float(np.percentile(values, 99)), "errors": errors[0], "ok": len(latencies)}
+    return {**result, "latencies": latencies} if keep_latencies else result
 
 
 def bad_inputs_check(port: int) -> dict[str, int]:
@@ -157,15 +161,17 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=0.0)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--workers", type=int, nargs="+", default=[1], help="catdog serve --workers N, for each N")
+    parser.add_argument("--run", default="", help="a run for catdog to serve (--run RUN); empty: the built-in model")
     arguments = parser.parse_args()
     data = require_shared_data()
     bodies = [multipart(path.read_bytes()) for path in sorted((data / "test1").glob("*.jpg"))[:50]]
-    servers = {serve_name(workers): CATDOG + ["serve", "--port", "{port}", "--workers", str(workers)]
+    model = ["--run", arguments.run] if arguments.run else []
+    servers = {serve_name(workers): CATDOG + ["serve", "--port", "{port}", "--workers", str(workers), *model]
                for workers in arguments.workers}
     servers["tutorial Flask app"] = [sys.executable, str(HERE / "tutorial_flask_app.py"), "{port}"]
     # A first use exports the model to ONNX and caches it; do that once, untimed, so the server's peak RSS measures
     # serving rather than the one-time export inside the server process.
-    subprocess.run(CATDOG + ["predict", str(sorted((data / "test1").glob("*.jpg"))[0]), "--output", os.devnull, "--no-progress"],
+    subprocess.run(CATDOG + ["predict", *model, str(sorted((data / "test1").glob("*.jpg"))[0]), "--output", os.devnull, "--no-progress"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = {}
     soak = None
