@@ -9,10 +9,12 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
 from conftest import colour_image, make_kaggle_folder
+from onnx import TensorProto, helper, numpy_helper
 
 from catdog import export as export_module
 from catdog.checkpoint import load_model, save_model
@@ -181,3 +183,26 @@ def test_onnx_sessions_leave_the_callers_floating_point_alone(threads):
     smallest_subnormal = np.nextafter(0.0, 1.0)
     assert smallest_subnormal * 1.0 > 0.0
     assert np.float32(1e-40) * np.float32(1.0) > 0.0
+
+
+def test_weights_float16_holds_exactly_are_stored_as_float16_and_compute_the_same():
+    # The out-of-distribution bank is float16 in the run; the exporter writes it out as float32 (half the file).
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(4, 3)).astype(np.float16).astype(np.float32)
+    inexact = (rng.normal(size=3) + 1e-4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "bank"], ["product"]), helper.make_node("Add", ["product", "bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(exact, "bank"), numpy_helper.from_array(inexact, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+
+    def run(proto):
+        return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    export_module.store_exact_half_precision(model, min_elements=1)
+    onnx.checker.check_model(model)
+    stored = {initializer.name: initializer.data_type for initializer in model.graph.initializer}
+    assert stored == {"bias": TensorProto.FLOAT, "bank.float16": TensorProto.FLOAT16}
+    np.testing.assert_array_equal(run(model), before)
