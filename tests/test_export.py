@@ -52,8 +52,8 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     assert json.loads(metadata["class_names"]) == ["cat", "dog"]
     assert json.loads(metadata["preprocess"])["input_size"] == 64
     assert RunMeta.from_dict(json.loads(metadata["catdog_meta"])) == read_meta(run_dir)
-    # the digest of what the export is made of: the weights, then the out-of-distribution bank
-    made_of = (run_dir / "model.safetensors").read_bytes() + (run_dir / "ood.safetensors").read_bytes()
+    # the digest of what the export is made of: the weights, the out-of-distribution bank, the run's meta.json
+    made_of = b"".join((run_dir / name).read_bytes() for name in ("model.safetensors", "ood.safetensors", "meta.json"))
     assert metadata["weights_sha1"] == hashlib.sha1(made_of).hexdigest()
     offset = json.loads(metadata["heatmap_offset"])
     # EfficientNet's stride-32 cells look about (32 - 1) / 2 pixels up and left of where upsampling puts them.
@@ -89,6 +89,14 @@ def test_export_defaults_to_the_run_and_a_stale_model_file_is_not_used(run_dir, 
     assert current is not None and current.source == str(own)
     assert exported_model_file(str(run), cache) == own and model_file_for("", str(run), cache) == own
     assert not (cache / "models").exists()  # the run's own file is current: nothing exported again
+
+    # An edited meta.json (here the temperature) is part of what the file serves: the old file is stale too.
+    meta_path = run / "meta.json"
+    original_meta = meta_path.read_text()
+    meta_path.write_text(json.dumps({**json.loads(original_meta), "temperature": 2.5}))
+    assert load_run_model_file(run) is None
+    meta_path.write_text(original_meta)
+    assert load_run_model_file(run) is not None
 
     model, meta = load_model(run)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, load_image
 from catdog.probabilities import softmax, threshold_keeping, uses_mirror_view
 from catdog.progress import progress_bar
-from catdog.runs import MODEL_FILE, RunError, RunMeta, check_not_pickle
+from catdog.runs import META_FILE, MODEL_FILE, RunError, RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
 
 ZERO_TRAINING_STRATEGY = "zero-training"
@@ -215,17 +215,19 @@ def load_model_file(path: str | os.PathLike, threads: int | None = None, device:
 
 
 def weights_digest(run: str | os.PathLike) -> str:
-    """The SHA-1 of what a run's export is made of: its weights file and, when it has one, its out-of-distribution
-    bank (`ood.safetensors`). An export records it, so a stale model.onnx is never used."""
+    """The SHA-1 of what a run's export is made of: its weights file, its out-of-distribution bank
+    (`ood.safetensors`) when it has one, and its `meta.json` (preprocessing, temperature, thresholds: an export
+    carries them, so an edited meta.json must not be served from an old file). An export records it, so a stale
+    model.onnx is never used."""
     digest = hashlib.sha1()
-    for name in (MODEL_FILE, "ood.safetensors"):
+    for name in (MODEL_FILE, "ood.safetensors", META_FILE):
         path = Path(run) / name
-        if name != MODEL_FILE and not path.is_file():
+        if name == "ood.safetensors" and not path.is_file():
             continue
         try:
             digest.update(path.read_bytes())
         except OSError as error:
-            raise RunError(f"{path}: cannot read the weights ({error})") from error
+            raise RunError(f"{path}: cannot read what the export is made of ({error})") from error
     return digest.hexdigest()
 
 
