@@ -31,8 +31,8 @@ from torch import nn
 from catdog.files import atomic_path, write_with_atomic
 from catdog.plotting import headless_pyplot
 from catdog.probabilities import threshold_keeping
+from catdog.runs import OOD_FILE
 
-OOD_FILE = "ood.safetensors"
 # Measured side by side on the shared photos against not-pets (benchmarks/ood_research.py, BENCHMARKS.md "Saying
 # neither"): k = 5 beats 1 (noisier) and 10 or 50 (people photos come closer); the whole training set's first views
 # as the bank (mirror views add nothing), up to 5,000 photos (12 MB as float16 at 1,280 dimensions): a random

@@ -32,7 +32,7 @@ from catdog.files import write_csv_atomic
 from catdog.images import ImageLoadError, load_image
 from catdog.probabilities import softmax, threshold_keeping, uses_mirror_view
 from catdog.progress import progress_bar
-from catdog.runs import META_FILE, MODEL_FILE, RunError, RunMeta, check_not_pickle
+from catdog.runs import META_FILE, MODEL_FILE, OOD_FILE, RunError, RunMeta, check_not_pickle
 from catdog.transforms import eval_transform
 
 ZERO_TRAINING_STRATEGY = "zero-training"
@@ -222,9 +222,9 @@ def weights_digest(run: str | os.PathLike) -> str:
     carries them, so an edited meta.json must not be served from an old file). An export records it, so a stale
     model.onnx is never used."""
     digest = hashlib.sha1()
-    for name in (MODEL_FILE, "ood.safetensors", META_FILE):
+    for name in (MODEL_FILE, OOD_FILE, META_FILE):
         path = Path(run) / name
-        if name == "ood.safetensors" and not path.is_file():
+        if name == OOD_FILE and not path.is_file():
             continue
         try:
             digest.update(path.read_bytes())

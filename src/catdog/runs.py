@@ -17,6 +17,7 @@ from catdog.transforms import Preprocess
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+OOD_FILE = "ood.safetensors"  # the out-of-distribution bank (catdog.ood), exported with the weights
 LAST_CHECKPOINT_FILE = "last_checkpoint.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
