@@ -24,6 +24,7 @@ from catdog.model_files import model_file_for
 from catdog.predict import MODEL_FORMAT, load_model_file, load_run_model_file, weights_digest
 from catdog.runs import RunError, RunMeta, read_meta
 from catdog.train import TrainConfig, train
+from catdog.transforms import DENOISE_ABOVE
 
 OUTPUTS = ("logits", "features", "class_maps", "ood_score")
 
@@ -51,6 +52,7 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     assert metadata["catdog_format"] == MODEL_FORMAT == "catdog-model/1"
     assert json.loads(metadata["class_names"]) == ["cat", "dog"]
     assert json.loads(metadata["preprocess"])["input_size"] == 64
+    assert json.loads(metadata["preprocess"])["denoise_above"] == DENOISE_ABOVE  # the noise filter travels too
     assert RunMeta.from_dict(json.loads(metadata["catdog_meta"])) == read_meta(run_dir)
     # the digest of what the export is made of: the weights, the out-of-distribution bank, the run's meta.json
     made_of = b"".join((run_dir / name).read_bytes() for name in ("model.safetensors", "ood.safetensors", "meta.json"))
@@ -76,6 +78,7 @@ def test_onnx_export_reload_compare(run_dir, tmp_path):
     predictor = load_model_file(out)
     assert predictor.backend == "onnxruntime" and predictor.network.outputs == OUTPUTS and predictor.has_heatmaps
     assert predictor.meta.to_dict() == meta.to_dict() and predictor.source == str(out)
+    assert predictor.preprocess.denoise_above == DENOISE_ABOVE
     assert predictor.heatmap_offset == pytest.approx(tuple(offset))
     np.testing.assert_allclose(predictor.probabilities(batch.numpy(), tta=False), reference, atol=1e-4)
 
@@ -214,3 +217,21 @@ def test_weights_float16_holds_exactly_are_stored_as_float16_and_compute_the_sam
     stored = {initializer.name: initializer.data_type for initializer in model.graph.initializer}
     assert stored == {"bias": TensorProto.FLOAT, "bank.float16": TensorProto.FLOAT16}
     np.testing.assert_array_equal(run(model), before)
+
+
+def test_the_builtin_models_cached_file_changes_with_its_preprocessing(monkeypatch, tmp_path):
+    """A cached export of the built-in model made before a preprocessing change (say, the noise filter) is not the
+    file predict and serve then use: the cached file's name carries the preprocessing's digest."""
+    from dataclasses import replace
+
+    from catdog.models import zero_training_preprocess
+
+    written = []
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(export_module, "load_exportable", lambda run: (None, None, ""))
+    monkeypatch.setattr(export_module, "write_model_file", lambda network, meta, path, digest: (written.append(path), path.touch()))
+    first = exported_model_file(None, tmp_path)
+    assert exported_model_file(None, tmp_path) == first and written == [first]  # made once, then reused
+    monkeypatch.setattr(export_module, "zero_training_preprocess", lambda: replace(zero_training_preprocess(), denoise_above=None))
+    second = exported_model_file(None, tmp_path)
+    assert second != first and written == [first, second]

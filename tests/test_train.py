@@ -17,6 +17,7 @@ from catdog.runs import LAST_CHECKPOINT_FILE
 from catdog.train import TrainConfig, train
 from catdog.training.config import resolve_preprocess, resolve_strategy, strategy_defaults
 from catdog.training.loop import build_scheduler
+from catdog.transforms import DENOISE_ABOVE
 
 
 def quiet(_message: str) -> None:
@@ -179,3 +180,11 @@ def test_a_small_data_set_is_told_that_neither_is_unreliable(tmp_path, train_pho
     assert (tmp_path / OOD_FILE).is_file() and len(scores) == validation_photos
     assert np.mean(np.array(scores) <= threshold) >= 0.99
     assert any(line.startswith('warning: "neither" rests on') for line in lines) == warned
+
+
+def test_denoising_is_on_by_default_and_zero_turns_it_off():
+    assert resolve_preprocess(TrainConfig(data="photos"), "head").denoise_above == DENOISE_ABOVE
+    assert resolve_preprocess(TrainConfig(data="photos", denoise_above=6.5), "finetune").denoise_above == 6.5
+    assert resolve_preprocess(TrainConfig(data="photos", denoise_above=0), "head").denoise_above is None
+    with pytest.raises(ValueError, match="denoise_above"):
+        TrainConfig(data="photos", denoise_above=-1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog.transforms import Preprocess, eval_transform
+from catdog.transforms import DENOISE_ABOVE, Preprocess, eval_transform, noise_level
 
 from catdog.augmentation import train_transform
 
@@ -26,7 +26,9 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
 def test_eval_transform_matches_resize_crop_normalise(size, interpolation):
     from torchvision.transforms import v2
 
-    preprocess = Preprocess(224, 0.875, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation=interpolation)
+    # The photo is noisy (sigma 20) on purpose; the denoising step has its own tests below.
+    preprocess = Preprocess(224, 0.875, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation=interpolation,
+                            denoise_above=None)
     image = photo_like(*size)
     mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
     reference = v2.Compose([v2.Resize(preprocess.resize_size, interpolation=mode, antialias=True),
@@ -41,8 +43,8 @@ def test_eval_transform_matches_resize_crop_normalise(size, interpolation):
 
 
 def test_eval_transform_of_an_exact_size_image_is_pure_normalisation():
-    preprocess = Preprocess(64, 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    image = photo_like(64, 64)
+    preprocess = Preprocess(64, 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), denoise_above=None)
+    image = photo_like(64, 64)  # noisy (sigma 20): with denoising it would be median-filtered first
     expected = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
     assert torch.allclose(torch.from_numpy(eval_transform(preprocess)(image)), expected, atol=1e-6)
 
@@ -55,3 +57,53 @@ def test_train_transform_gives_the_input_size_and_varies():
     first, second = transform(image), transform(image)
     assert first.shape == second.shape == (3, 96, 96) and first.dtype == torch.float32
     assert not torch.equal(first, second)
+
+
+def smooth_photo(width: int = 320, height: int = 240) -> np.ndarray:
+    """A clean photo's stand-in: smooth shading and a few hard edges, no grain."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width * 200, y / height * 200, 128 + 60 * np.sin(x / 17.0) * np.cos(y / 23.0)], axis=-1)
+    base[(x // 64 + y // 48) % 2 == 0] += 40  # a checkerboard of steps: edges the estimator must not count as noise
+    return np.clip(base, 0, 255)
+
+
+def with_noise(pixels: np.ndarray, sigma: float, seed: int = 0) -> Image.Image:
+    noisy = pixels + np.random.default_rng(seed).normal(0, sigma, pixels.shape)
+    return Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8))
+
+
+def test_noise_level_reads_the_grain_not_the_edges():
+    pixels = smooth_photo()
+    assert noise_level(with_noise(pixels, 0)) < 3
+    for sigma in (12, 25):
+        # Grey conversion averages the channels' independent noise down by about 0.58; the estimate follows sigma.
+        estimate = noise_level(with_noise(pixels, sigma))
+        assert 0.45 * sigma < estimate < 0.75 * sigma, (sigma, estimate)
+    assert noise_level(with_noise(pixels, 25)) > DENOISE_ABOVE > noise_level(with_noise(pixels, 8))
+    assert noise_level(Image.new("RGB", (2, 2))) == 0.0  # too small to measure: never denoised
+
+
+def test_eval_transform_denoises_a_noisy_photo_and_leaves_a_clean_one_alone():
+    from PIL import ImageFilter
+
+    pixels = smooth_photo(500, 375)
+    plain = Preprocess(300, 0.89, denoise_above=None)
+    denoising = Preprocess(300, 0.89)
+    assert denoising.denoise_above == DENOISE_ABOVE
+    clean, noisy = with_noise(pixels, 2), with_noise(pixels, 30)
+    np.testing.assert_array_equal(eval_transform(denoising)(clean), eval_transform(plain)(clean))
+    filtered = eval_transform(denoising)(noisy)
+    np.testing.assert_array_equal(filtered, eval_transform(plain)(noisy.filter(ImageFilter.MedianFilter(3))))
+    # The filter removes grain: the denoised input is closer to the clean photo's than the noisy one is.
+    target = eval_transform(plain)(Image.fromarray(pixels.astype(np.uint8)))
+    assert np.abs(filtered - target).mean() < 0.6 * np.abs(eval_transform(plain)(noisy) - target).mean()
+
+
+def test_denoising_travels_in_meta_json_and_older_runs_keep_their_preprocessing():
+    preprocess = Preprocess(300, 0.89, denoise_above=12.5)
+    assert Preprocess.from_dict(preprocess.to_dict()) == preprocess
+    older = Preprocess(300, 0.89, denoise_above=None).to_dict()
+    assert "denoise_above" not in older  # written as before the field, so feature-cache keys of older runs still match
+    assert Preprocess.from_dict(older).denoise_above is None
+    with pytest.raises(ValueError, match="denoise_above"):
+        Preprocess(300, 0.89, denoise_above=0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torchvision.transforms import v2
 
-from catdog.transforms import Preprocess
+from catdog.transforms import Preprocess, denoised
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,11 @@ class Augmentation:
 
 
 def train_transform(preprocess: Preprocess, augmentation: Augmentation = Augmentation()):
-    """Random resized crop, flip, small rotation, colour jitter, normalise."""
+    """Denoise a noisy photo as evaluation does (`transforms.denoised`), random resized crop, flip, small rotation,
+    colour jitter, normalise."""
     interpolation = v2.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
     steps: list = [
+        partial(denoised, above=preprocess.denoise_above),
         v2.PILToTensor(),
         v2.RandomResizedCrop(
             preprocess.input_size,

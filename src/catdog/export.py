@@ -22,6 +22,7 @@ A parity check runs after every export: the file's probabilities must match PyTo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -43,11 +44,11 @@ from catdog.models import (
     IMAGENET_CAT_CLASSES,
     IMAGENET_DOG_CLASSES,
     ZERO_TRAINING_BACKBONE,
-    ZERO_TRAINING_INPUT_SIZE,
     ZERO_TRAINING_MODEL_NAME,
     ImageNetCatDogClassifier,
     SimpleCNNBackbone,
     create_zero_training_model,
+    zero_training_preprocess,
 )
 from catdog.inference import session_options
 from catdog.predict import EXPORTED_MODEL_FILE, MODEL_FORMAT, ZERO_TRAINING_STRATEGY, load_run_model_file, weights_digest
@@ -373,7 +374,9 @@ def exported_model_file(run: str | None, cache_dir: str | os.PathLike | None = N
         if own.is_file() and load_run_model_file(run) is not None:
             return own
     else:
-        digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-{ZERO_TRAINING_INPUT_SIZE}px-torch{torch.__version__}-catdog{__version__}.onnx"
+        # The preprocessing's digest in the name: a change to it (the noise filter, say) is never served from an old file.
+        settings = hashlib.sha1(json.dumps(zero_training_preprocess().to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-{settings}-torch{torch.__version__}-catdog{__version__}.onnx"
     path = Path(cache_dir or default_cache_dir()) / "models" / name
     if not path.is_file():
         network, meta, digest = load_exportable(run)

@@ -470,7 +470,11 @@ ZERO_TRAINING_INPUT_SIZE = 300
 def create_zero_training_model(backbone_name: str = ZERO_TRAINING_BACKBONE) -> tuple[nn.Module, Preprocess]:
     """The built-in cat/dog model that needs no training (ImageNet's mean cat- and dog-class probabilities)."""
     model = ImageNetCatDogClassifier(load_efficientnet_lite_imagenet(backbone_name)).eval()
-    return model, replace(MODEL_SPECS[backbone_name].preprocess, input_size=ZERO_TRAINING_INPUT_SIZE)
+    return model, zero_training_preprocess(backbone_name)
+
+
+def zero_training_preprocess(backbone_name: str = ZERO_TRAINING_BACKBONE) -> Preprocess:
+    return replace(MODEL_SPECS[backbone_name].preprocess, input_size=ZERO_TRAINING_INPUT_SIZE)
 
 
 def _weights_on_this_machine(name: str) -> str:

@@ -13,7 +13,7 @@ import torch
 
 from catdog.config import option
 from catdog.models import get_model_spec
-from catdog.transforms import Preprocess
+from catdog.transforms import DENOISE_ABOVE, Preprocess
 
 PRESETS = {
     # Measured on the 6,000 shared Kaggle photos, 80/20 split, 2-core CPU (BENCHMARKS.md, 2026-11-28):
@@ -62,6 +62,7 @@ class TrainConfig:
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
     seed: int = option(42, "random seed (split, initialisation, shuffling, augmentation)")
     layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    denoise_above: float = option(DENOISE_ABOVE, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/transforms.py); 0 turns it off")
     image_size: int = option(0, "input size in pixels; 0: the preset's feature size for the head strategy with the preset's model (default preset: 300), else the model's own")
     num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -93,8 +94,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "step_size", "early_stopping", "image_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.time_budget < 0:
-            raise ValueError("lr, weight_decay, grad_clip and time_budget must not be negative")
+        if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.time_budget < 0 or self.denoise_above < 0:
+            raise ValueError("lr, weight_decay, grad_clip, time_budget and denoise_above must not be negative")
         if not (0.0 <= self.unfreeze <= 1.0 and 0.0 <= self.augmentation <= 1.0):
             raise ValueError("unfreeze and augmentation must be between 0 and 1")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -121,7 +122,7 @@ def resolve_preprocess(config: TrainConfig, strategy: str) -> Preprocess:
     preset = PRESETS[config.preset]
     if not size and strategy == "head" and config.model == preset["model"]:
         size = preset["feature_image_size"]
-    return replace(spec.preprocess, input_size=size) if size else spec.preprocess
+    return replace(spec.preprocess, input_size=size or spec.preprocess.input_size, denoise_above=config.denoise_above or None)
 
 
 # On CUDA, fine-tuning the whole network pays once there are a few thousand training images; below that a linear
