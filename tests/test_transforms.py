@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog.transforms import DENOISE_ABOVE, Preprocess, eval_transform, noise_level
+from catdog.transforms import DENOISE_ABOVE, Preprocess, eval_transform, median_filtered, noise_level
 
 from catdog.augmentation import train_transform
 
@@ -26,9 +26,7 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
 def test_eval_transform_matches_resize_crop_normalise(size, interpolation):
     from torchvision.transforms import v2
 
-    # The photo is noisy (sigma 20) on purpose; the denoising step has its own tests below.
-    preprocess = Preprocess(224, 0.875, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation=interpolation,
-                            denoise_above=None)
+    preprocess = Preprocess(224, 0.875, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation=interpolation)
     image = photo_like(*size)
     mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
     reference = v2.Compose([v2.Resize(preprocess.resize_size, interpolation=mode, antialias=True),
@@ -43,8 +41,8 @@ def test_eval_transform_matches_resize_crop_normalise(size, interpolation):
 
 
 def test_eval_transform_of_an_exact_size_image_is_pure_normalisation():
-    preprocess = Preprocess(64, 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), denoise_above=None)
-    image = photo_like(64, 64)  # noisy (sigma 20): with denoising it would be median-filtered first
+    preprocess = Preprocess(64, 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    image = photo_like(64, 64)
     expected = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
     assert torch.allclose(torch.from_numpy(eval_transform(preprocess)(image)), expected, atol=1e-6)
 
@@ -87,9 +85,9 @@ def test_eval_transform_denoises_a_noisy_photo_and_leaves_a_clean_one_alone():
     from PIL import ImageFilter
 
     pixels = smooth_photo(500, 375)
-    plain = Preprocess(300, 0.89, denoise_above=None)
-    denoising = Preprocess(300, 0.89)
-    assert denoising.denoise_above == DENOISE_ABOVE
+    plain = Preprocess(300, 0.89)
+    assert plain.denoise_above is None  # off unless chosen: the default preset and the built-in model choose it
+    denoising = Preprocess(300, 0.89, denoise_above=DENOISE_ABOVE)
     clean, noisy = with_noise(pixels, 2), with_noise(pixels, 30)
     np.testing.assert_array_equal(eval_transform(denoising)(clean), eval_transform(plain)(clean))
     filtered = eval_transform(denoising)(noisy)
@@ -107,3 +105,13 @@ def test_denoising_travels_in_meta_json_and_older_runs_keep_their_preprocessing(
     assert Preprocess.from_dict(older).denoise_above is None
     with pytest.raises(ValueError, match="denoise_above"):
         Preprocess(300, 0.89, denoise_above=0)
+
+
+@pytest.mark.parametrize("shape", [(375, 500, 3), (7, 5, 3), (3, 3, 3), (1, 4, 3), (2, 1, 3), (48, 64)])
+def test_median_filter_gives_pillows_pixels(shape):
+    from PIL import ImageFilter
+
+    image = Image.fromarray(np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8))
+    ours = median_filtered(image)
+    assert ours.mode == image.mode and ours.size == image.size
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(image.filter(ImageFilter.MedianFilter(3))))
