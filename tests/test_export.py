@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_kaggle_folder(root / "train", per_class=10)
     train(TrainConfig(data=str(data), out=str(root / "run"), model="efficientnet_lite0", strategy="head", epochs=5,
-                      num_workers=0, progress=False, image_size=64), log=lambda _: None)
+                      num_workers=0, progress=False, image_size=64, denoise_above=DENOISE_ABOVE), log=lambda _: None)
     return root / "run"
 
 

@@ -186,6 +186,7 @@ def test_the_default_preset_denoises_the_fast_one_not_and_zero_turns_it_off():
     assert resolve_preprocess(TrainConfig(data="photos"), "head").denoise_above == DENOISE_ABOVE
     assert resolve_preprocess(TrainConfig(data="photos", preset="fast"), "head").denoise_above is None
     assert resolve_preprocess(TrainConfig(data="photos", preset="fast", denoise_above=10), "head").denoise_above == 10
+    assert resolve_preprocess(TrainConfig(data="photos", model="resnet18"), "head").denoise_above is None  # unmeasured
     assert resolve_preprocess(TrainConfig(data="photos", denoise_above=6.5), "finetune").denoise_above == 6.5
     assert resolve_preprocess(TrainConfig(data="photos", denoise_above=0), "head").denoise_above is None
     with pytest.raises(ValueError, match="denoise_above"):

@@ -27,7 +27,8 @@ PRESETS = {
     # on frozen features cannot undo sideways photos (94%) or heavy noise (96%), so the option is there
     # (`--damage-views 0.5`) but a clean photo's answer is not made worse by default (BENCHMARKS.md, "Damaged photos").
     # denoise_above: the noise filter (`transforms.DENOISE_ABOVE`) helps Lite2 at 300 px on noisy photos and hurts
-    # Lite0 at 224 px (BENCHMARKS.md, "Damaged photos"), so only the default preset filters; 0: off.
+    # Lite0 at 224 px (BENCHMARKS.md, "Damaged photos"), so only the default preset filters, and only with its own
+    # model (another --model has it off unless --denoise-above says otherwise); 0: off.
     "fast": {"model": "efficientnet_lite0", "flip": True, "feature_image_size": 0, "damage_views": 0.0, "denoise_above": 0.0},
     "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300, "damage_views": 0.0,
                 "denoise_above": DENOISE_ABOVE},
@@ -65,7 +66,7 @@ class TrainConfig:
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
     seed: int = option(42, "random seed (split, initialisation, shuffling, augmentation)")
     layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/transforms.py); 0: off; default from preset (default: 10, fast: off)")
+    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/transforms.py); 0: off; default from preset (default: 10 with its own model, fast: off)")
     image_size: int = option(0, "input size in pixels; 0: the preset's feature size for the head strategy with the preset's model (default preset: 300), else the model's own")
     num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
@@ -90,8 +91,8 @@ class TrainConfig:
             self.flip = preset["flip"]
         if self.damage_views is None:
             self.damage_views = preset["damage_views"]
-        if self.denoise_above is None:
-            self.denoise_above = preset["denoise_above"]
+        if self.denoise_above is None:  # the filter was measured on the presets' own models only
+            self.denoise_above = preset["denoise_above"] if self.model == preset["model"] else 0.0
         if not 0.0 <= self.damage_views <= 8.0:
             raise ValueError(f"damage_views must be between 0 and 8, got {self.damage_views}")
         if not get_model_spec(self.model).pretrained_by_default:
