@@ -22,7 +22,6 @@ A parity check runs after every export: the file's probabilities must match PyTo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from torch import nn
 from catdog import __version__
 from catdog.checkpoint import load_model
 from catdog.config import option
-from catdog.files import atomic_path, default_cache_dir
+from catdog.files import atomic_path, default_cache_dir, settings_digest
 from catdog.images import ImageLoadError, load_image
 from catdog.models import (
     IMAGENET_CAT_CLASSES,
@@ -375,7 +374,7 @@ def exported_model_file(run: str | None, cache_dir: str | os.PathLike | None = N
             return own
     else:
         # The preprocessing's digest in the name: a change to it (the noise filter, say) is never served from an old file.
-        settings = hashlib.sha1(json.dumps(zero_training_preprocess().to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        settings = settings_digest(zero_training_preprocess().to_dict(), 10)
         digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-{settings}-torch{torch.__version__}-catdog{__version__}.onnx"
     path = Path(cache_dir or default_cache_dir()) / "models" / name
     if not path.is_file():

@@ -34,7 +34,7 @@ from catdog import __version__
 from catdog import corruptions
 from catdog.datasets import collate_skipping_bad_images
 from catdog.export import export_onnx_module
-from catdog.files import atomic_path, default_cache_dir  # noqa: F401 (default_cache_dir: imported from here too)
+from catdog.files import atomic_path, default_cache_dir, settings_digest  # noqa: F401 (default_cache_dir: imported from here too)
 from catdog.images import ImageLoadError, load_image
 from catdog.inference import session_options
 from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
@@ -121,8 +121,7 @@ def cache_folder(cache_dir: Path, model_name: str, preprocess: Preprocess, view:
     settings = {"model": model_name, "preprocess": preprocess.to_dict(), "view": view, "transform": EVAL_TRANSFORM_VERSION}
     if split_view(view)[0] != "clean":  # clean views keep the keys they always had
         settings["damage"] = DAMAGE_VERSION
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir / "features" / f"{model_name}-{view.replace('+', '-')}-{digest}"
+    return cache_dir / "features" / f"{model_name}-{view.replace('+', '-')}-{settings_digest(settings)}"
 
 
 class _ImageBytesDataset(Dataset):

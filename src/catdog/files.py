@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,11 @@ from typing import Any, Callable, Iterable, Iterator
 def default_cache_dir() -> Path:
     """Where catdog keeps what it can recompute (features, ONNX files): $CATDOG_CACHE, else ~/.cache/catdog."""
     return Path(os.environ.get("CATDOG_CACHE", Path.home() / ".cache" / "catdog"))
+
+
+def settings_digest(settings: dict, length: int = 12) -> str:
+    """A short digest of the settings a cached file was made with, for its name: other settings, another file."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:length]
 
 
 @contextlib.contextmanager
