@@ -21,7 +21,10 @@ is measured, and the CSV header and the server's answer are checked to have (and
 
 The spread between rounds of one contender is the noise the with/without ratios are to be read against.
 
-    python benchmarks/ood_speed.py [--run RUN] [--rounds 8] [--serve-rounds 4] [--seconds 12]
+`--compare orientation` measures the orientation check the same way instead (`probabilities.OrientationCheck`): the
+same run with the check (the default) against `--no-check-orientation`, in predict, in process and in serve.
+
+    python benchmarks/ood_speed.py [--run RUN] [--compare ood|orientation] [--rounds 8] [--serve-rounds 4] [--seconds 12]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from serve_load import closed_loop, free_port, multipart, wait_ready  # noqa: E4
 
 OOD_META_FIELDS = ("ood_method", "ood_threshold", "ood_keep", "ood_validation_scores")
 WITH, WITHOUT = "with the score", "without (as before)"
+CHECK, NO_CHECK = "orientation check", "no orientation check"
 
 
 def copy_without_ood(run: Path, target: Path) -> Path:
@@ -78,13 +82,14 @@ def spread(values, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
-def measure_predict(runs: dict[str, Path], folder: Path, scratch: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+def measure_predict(runs: dict[str, Path], folder: Path, scratch: Path, rounds: int,
+                    options: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
     figures = {name: {"rate": [], "cpu": []} for name in runs}
     names = list(runs)
     for round_index in range(rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
             before = cpu_seconds()
-            seconds, count = catdog_predict(runs[name], folder, scratch / "predict.csv")
+            seconds, count = catdog_predict(runs[name], folder, scratch / "predict.csv", *options[name])
             figures[name]["rate"].append(count / seconds)
             figures[name]["cpu"].append((cpu_seconds() - before) / count)
             print(f"predict round {round_index + 1}: {name:20s} {count} photos in {seconds:5.1f} s = {count / seconds:5.1f}/s, "
@@ -92,7 +97,8 @@ def measure_predict(runs: dict[str, Path], folder: Path, scratch: Path, rounds: 
     return figures
 
 
-def measure_in_process(runs: dict[str, Path], folder: Path, photos: int) -> dict[str, dict[str, list[float]]]:
+def measure_in_process(runs: dict[str, Path], folder: Path, photos: int,
+                       options: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
     from catdog.images import load_image
     from catdog.model_files import load_predictor
 
@@ -102,7 +108,11 @@ def measure_in_process(runs: dict[str, Path], folder: Path, photos: int) -> dict
                        for path in sorted(folder.glob("*.jpg"))[:photos]])
     for predictor in predictors.values():  # first-call allocations
         predictor.predict_batch(arrays[:1])
-    calls = {**{name: predictor.predict_batch for name, predictor in predictors.items()},
+    def batch_call(name: str, predictor):
+        check = "--no-check-orientation" not in options[name]
+        return lambda images: predictor.predict_batch(images, check_orientation=check)
+
+    calls = {**{name: batch_call(name, predictor) for name, predictor in predictors.items()},
              **{f"{name}, logits only": predictor.logits for name, predictor in predictors.items()}}
     figures = {name: {"wall": [], "cpu": []} for name in calls}
     names = list(calls)
@@ -122,17 +132,18 @@ def check_answer(port: int, body: tuple[bytes, str], has_score: bool) -> None:
         raise RuntimeError(f"serve on port {port}: expected {'a' if has_score else 'no'} ood_score, got {answer}")
 
 
-def measure_serve(runs: dict[str, Path], bodies: list, levels: list[int], rounds: int, seconds: float) -> dict:
+def measure_serve(runs: dict[str, Path], bodies: list, levels: list[int], rounds: int, seconds: float,
+                  options: dict[str, list[str]]) -> dict:
     servers = {}
     try:
         for name, run in runs.items():
             port = free_port()
-            process = subprocess.Popen(CATDOG + ["serve", "--run", str(run), "--port", str(port)],
+            process = subprocess.Popen(CATDOG + ["serve", "--run", str(run), "--port", str(port), *options[name]],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             servers[name] = (port, process)
         for name, (port, process) in servers.items():
             wait_ready(port, "/ready")
-            check_answer(port, bodies[0], name == WITH)
+            check_answer(port, bodies[0], name != WITHOUT)
             closed_loop(port, bodies, 4, 3)  # warm-up
         results = {(name, clients): [] for name in runs for clients in levels}
         names = list(runs)
@@ -164,6 +175,8 @@ def main() -> int:
     parser.add_argument("--serve-rounds", type=int, default=4, help="interleaved serve rounds (0: skip serve)")
     parser.add_argument("--seconds", type=float, default=12.0, help="seconds of load per serve measurement")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent serve clients")
+    parser.add_argument("--compare", choices=("ood", "orientation"), default="ood",
+                        help="ood: the run with and without its score; orientation: with and without the orientation check")
     arguments = parser.parse_args()
     data = require_shared_data()
     load_before = os.getloadavg()
@@ -173,16 +186,23 @@ def main() -> int:
         run = Path(arguments.run) if arguments.run else train_default_run(data, scratch / "run")
         if json.loads((run / "meta.json").read_text()).get("ood_method") != "knn" or not (run / "ood.safetensors").is_file():
             sys.exit(f"{run}: not a run with the kNN out-of-distribution score (ood_method knn, ood.safetensors)")
-        runs = {WITH: run, WITHOUT: copy_without_ood(run, scratch / "run-without-ood")}
+        if arguments.compare == "ood":
+            runs = {WITH: run, WITHOUT: copy_without_ood(run, scratch / "run-without-ood")}
+            options = {WITH: [], WITHOUT: []}
+        else:
+            runs, options = {CHECK: run, NO_CHECK: run}, {CHECK: [], NO_CHECK: ["--no-check-orientation"]}
+        ours, baseline = list(runs)
         folder = make_resized_photos(data / "test1", scratch / "photos", 500, (500, 375))
         for name, path in runs.items():  # first use: exports each run's ONNX file (untimed); check the score's presence
-            catdog_predict(path, folder, scratch / "warmup.csv")
-            if ("ood_score" in csv_header(scratch / "warmup.csv")) != (name == WITH):
+            catdog_predict(path, folder, scratch / "warmup.csv", *options[name])
+            if ("ood_score" in csv_header(scratch / "warmup.csv")) != (name != WITHOUT):
                 raise RuntimeError(f"{name}: predict's CSV header is {csv_header(scratch / 'warmup.csv')}")
-        predict = measure_predict(runs, folder, scratch, arguments.rounds)
-        in_process = measure_in_process(runs, folder, arguments.in_process_photos) if arguments.in_process_photos else None
+        predict = measure_predict(runs, folder, scratch, arguments.rounds, options)
+        in_process = (measure_in_process(runs, folder, arguments.in_process_photos, options)
+                      if arguments.in_process_photos else None)
         bodies = [multipart(path.read_bytes()) for path in sorted((data / "test1").glob("*.jpg"))[:50]]
-        serve = measure_serve(runs, bodies, arguments.levels, arguments.serve_rounds, arguments.seconds) if arguments.serve_rounds else None
+        serve = (measure_serve(runs, bodies, arguments.levels, arguments.serve_rounds, arguments.seconds, options)
+                 if arguments.serve_rounds else None)
 
     print(f"\nmachine: {machine_description()}; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after; "
           f"{(time.perf_counter() - started) / 60:.1f} min")
@@ -192,9 +212,9 @@ def main() -> int:
     for name, values in predict.items():
         print(f"{name:22s} {median(values['rate']):9.1f} {spread(values['rate']):>17s} {1e3 * median(values['cpu']):13.1f} "
               f"{spread([1e3 * v for v in values['cpu']]):>17s}")
-    rate_ratio = median(predict[WITH]["rate"]) / median(predict[WITHOUT]["rate"])
-    cpu_ratio = median(predict[WITHOUT]["cpu"]) / median(predict[WITH]["cpu"])
-    pairs = [a / b for a, b in zip(predict[WITH]["rate"], predict[WITHOUT]["rate"])]
+    rate_ratio = median(predict[ours]["rate"]) / median(predict[baseline]["rate"])
+    cpu_ratio = median(predict[baseline]["cpu"]) / median(predict[ours]["cpu"])
+    pairs = [a / b for a, b in zip(predict[ours]["rate"], predict[baseline]["rate"])]
     print(f"with/without: photos/s {rate_ratio:.3f}x (per round {', '.join(f'{p:.3f}' for p in pairs)}; median "
           f"{median(pairs):.3f}); photos per CPU second {cpu_ratio:.3f}x (target >= 0.95x)")
     if in_process:
@@ -203,9 +223,9 @@ def main() -> int:
         for name, values in in_process.items():
             print(f"{name:34s} wall {1e3 * median(values['wall']):6.2f} ms/photo, CPU {1e3 * median(values['cpu']):6.2f} ms/photo")
         for suffix in ("", ", logits only"):
-            ours, before = in_process[WITH + suffix], in_process[WITHOUT + suffix]
-            print(f"with/without{suffix}: wall {median(ours['wall']) / median(before['wall']):.3f}x the time, "
-                  f"CPU {median(ours['cpu']) / median(before['cpu']):.3f}x")
+            mine, before = in_process[ours + suffix], in_process[baseline + suffix]
+            print(f"with/without{suffix}: wall {median(mine['wall']) / median(before['wall']):.3f}x the time, "
+                  f"CPU {median(mine['cpu']) / median(before['cpu']):.3f}x")
     if serve:
         print(f"\nserve (`catdog serve --run RUN`, closed loop on 127.0.0.1, {arguments.seconds:.0f} s per measurement, "
               f"{arguments.serve_rounds} interleaved rounds; req/s: median (min-max) of the rounds; p50/p99: all rounds' "
@@ -223,11 +243,11 @@ def main() -> int:
                   f"{p['p50']:7.1f} {median([r['p50_ms'] for r in results]):8.1f} {p['p99']:7.1f} "
                   f"{median([r['p99_ms'] for r in results]):8.1f} {p['cpu']:10.1f} {sum(r['errors'] for r in results):6d}")
         for clients in arguments.levels:
-            ours, before = pooled[(WITH, clients)], pooled[(WITHOUT, clients)]
-            per_round = [a["requests_per_second"] / b["requests_per_second"] for a, b in zip(serve[(WITH, clients)], serve[(WITHOUT, clients)])]
-            print(f"with/without, {clients:2d} clients: throughput {ours['rps'] / before['rps']:.3f}x (per round "
-                  f"{', '.join(f'{p:.2f}' for p in per_round)}), p50 {ours['p50'] / before['p50']:.3f}x, "
-                  f"p99 {ours['p99'] / before['p99']:.3f}x, CPU per request {ours['cpu'] / before['cpu']:.3f}x")
+            mine, before = pooled[(ours, clients)], pooled[(baseline, clients)]
+            per_round = [a["requests_per_second"] / b["requests_per_second"] for a, b in zip(serve[(ours, clients)], serve[(baseline, clients)])]
+            print(f"with/without, {clients:2d} clients: throughput {mine['rps'] / before['rps']:.3f}x (per round "
+                  f"{', '.join(f'{p:.2f}' for p in per_round)}), p50 {mine['p50'] / before['p50']:.3f}x, "
+                  f"p99 {mine['p99'] / before['p99']:.3f}x, CPU per request {mine['cpu'] / before['cpu']:.3f}x")
     return 0
 
 

@@ -119,7 +119,9 @@ def test_damaged_views_have_their_own_cache_folders_and_clean_ones_keep_theirs(t
     assert cache_folder(tmp_path, "m", preprocess, "original").name == f"m-original-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
     names = {cache_folder(tmp_path, "m", preprocess, view).name for view in ("original", "flipped", "jpeg@10", "jpeg@10+flipped", "jpeg@30", "damaged-1")}
     assert len(names) == 6
-    assert split_view("blur@0.012+flipped") == ("blur@0.012", True) and split_view("damaged-2") == ("damaged-2", False)
+    assert split_view("blur@0.012+flipped") == ("blur@0.012", 0, True) and split_view("damaged-2") == ("damaged-2", 0, False)
+    assert split_view("blur@0.012+turned90+flipped") == ("blur@0.012", 1, True)
+    assert split_view("original+turned270") == ("clean", 3, False) and split_view("flipped") == ("clean", 0, True)
     with pytest.raises(ValueError):
         split_view("smudge@3")
 
@@ -204,3 +206,52 @@ def test_evaluate_corruptions_writes_the_table_and_the_plot(tiny_head_run, tmp_p
     cached = json.loads((tmp_path / "all" / "metrics.json").read_text())["corruptions"]
     for mine, theirs in zip(cached["conditions"], network["conditions"]):
         assert mine["accuracy"] == theirs["accuracy"] and mine["log_loss"] == pytest.approx(theirs["log_loss"], abs=2e-3), mine
+
+
+def test_a_turned_view_is_the_backbone_on_the_turned_tensor(tmp_path):
+    import torch
+
+    from catdog.features import extract_features, file_digest
+    from catdog.images import load_image
+    from catdog.transforms import Preprocess, eval_transform
+
+    path = tmp_path / "cat.0.jpg"
+    colour_image(0, 0, size=(64, 48)).save(path)
+    preprocess = Preprocess(input_size=32)
+
+    def backbone():  # each channel's mean over each quadrant: enough to see which way up the pixels went in
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+
+    views = ("original", "original+turned90", "dark@0.35+turned270+flipped")
+    features = extract_features([path], backbone, "probe", preprocess, views, backend="torch",
+                                cache_dir=tmp_path / "cache", num_workers=0).features[0]
+    clean = eval_transform(preprocess)(load_image(path))
+    dark = eval_transform(preprocess)(damage(load_image(path), "dark", 0.35, file_digest(path)))
+
+    def quadrants(array):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(array))[None], 2).flatten().numpy()
+
+    # The predictor turns a preprocessed batch with NumPy's rot90 over (rows, columns): the same turn.
+    assert np.allclose(features[1], quadrants(np.rot90(clean, 1, axes=(1, 2))), atol=1e-2)
+    assert np.allclose(features[2], quadrants(np.rot90(dark, 3, axes=(1, 2))[..., ::-1]), atol=1e-2)
+    assert not np.allclose(features[0], features[1], atol=1e-2)
+
+
+def test_the_cached_features_and_the_predictor_turn_the_same_photos(tiny_head_run, tmp_path, monkeypatch):
+    from catdog.cli import main
+    from catdog.probabilities import OrientationCheck
+
+    def scores(name: str, *options: str) -> list[tuple[float, float]]:
+        assert main(["evaluate", "--run", str(tiny_head_run), "--out", str(tmp_path / name), "--corruptions", *options]) == 0
+        table = json.loads((tmp_path / name / "metrics.json").read_text())["corruptions"]
+        return [(row["accuracy"], row["log_loss"]) for row in [table["clean"], *table["conditions"]]]
+
+    unchecked = scores("unchecked", "--no-check-orientation")
+    # Every photo checked, and the most typical turn taken whenever it is surer: on 4 photos of a tiny run the
+    # shipped rule would check none of them.
+    monkeypatch.setattr(OrientationCheck, "from_validation_scores",
+                        classmethod(lambda cls, validation_scores, ood_threshold: cls(-1e9, 1e9, -1e9)))
+    cached, network = scores("cached"), scores("network", "--no-feature-cache")
+    assert cached != unchecked  # some photos were read turned
+    for mine, theirs in zip(cached, network):
+        assert mine[0] == theirs[0] and mine[1] == pytest.approx(theirs[1], abs=2e-3)

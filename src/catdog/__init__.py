@@ -20,7 +20,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.5.1"
+__version__ = "0.5.2"
 
 _API_NAMES = ("train", "evaluate", "tune", "load", "Run", "Model", "Prediction")
 _CALLABLE_MODULES = ("train", "evaluate", "tune")

@@ -192,14 +192,15 @@ class Model:
         return f"Model({self.predictor.describe()}{where})"
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput], *, tta: bool | None = None, batch_size: int = 64,
-                skip_unreadable: bool = False) -> list[Prediction]:
+                skip_unreadable: bool = False, check_orientation: bool = True) -> list[Prediction]:
         """Classify images: a path to a file or a folder (searched recursively), a PIL image, or a list of those.
 
         Returns one `Prediction` per image, in input order (a folder's images in file-name order; its hidden files
         and non-image names are passed over, as `catdog predict` does). An unreadable or missing file raises
         `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves them out with a warning;
         a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run
-        was validated.
+        was validated. check_orientation: read an image that looks turned a quarter the way up the network reads
+        best (`Predictor.upright`), as `catdog predict` does.
         """
         import numpy as np
         from PIL import Image
@@ -236,7 +237,8 @@ class Model:
         refuse_unless_skipping(problems)  # missing files: before any inference
         by_file: dict[int, Any] = {}
         if files:
-            outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta)
+            outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta,
+                                                   check_orientation=check_orientation)
             scores = outcome.ood_scores if outcome.ood_scores is not None else [None] * len(outcome.indices)
             by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores)))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
@@ -247,7 +249,7 @@ class Model:
         by_picture = []
         for start in range(0, len(pictures), batch_size):
             batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + batch_size]])
-            probabilities, scores = self.predictor.predict_batch(batch, tta)
+            probabilities, scores = self.predictor.predict_batch(batch, tta, check_orientation)
             by_picture.extend(zip(probabilities, scores if scores is not None else [None] * len(probabilities)))
 
         predictions = []
@@ -265,7 +267,8 @@ class Model:
                                           in_distribution, None if score is None else float(score)))
         return predictions
 
-    def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None) -> "Explanation":
+    def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None,
+                check_orientation: bool = True) -> "Explanation":
         """Grad-CAM for one image (a path or a PIL image), as `catdog explain` computes it: an `Explanation` with
         `label`, `confidence`, `probabilities`, `heatmap` (over the photo) and `overlay()` (the photo with the
         heatmap over it, a PIL image). target: the class to explain; None: the predicted class."""
@@ -282,7 +285,8 @@ class Model:
             photo = load_image(image)
         else:
             raise TypeError(f"explain() takes a path or a PIL image, not {type(image).__name__}")
-        return explain_photo(self.predictor, photo, tta=tta, target=None if target is None else self.class_names.index(target))
+        return explain_photo(self.predictor, photo, tta=tta, target=None if target is None else self.class_names.index(target),
+                             check_orientation=check_orientation)
 
 
 def load(run: RunLike | None = None, *, model: str | os.PathLike | None = None, backend: str = "auto",

@@ -68,11 +68,13 @@ def load_run_predictor(run: str | None, backend: str = "auto", device: str = "au
 
 
 def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
-                               progress: Callable[[int], None] | None = None) -> PredictionOutcome:
+                               progress: Callable[[int], None] | None = None,
+                               check_orientation: bool = True) -> PredictionOutcome:
     """`Predictor.predict_files` shared by the ranks of a torchrun launch: each rank predicts a disjoint share of
     `paths` and every rank gets the whole outcome, in the order of `paths`, as one process would have it."""
     positions = shard_indices(len(paths))
-    mine = predictor.predict_files([paths[i] for i in positions], batch_size, tta, progress)
+    mine = predictor.predict_files([paths[i] for i in positions], batch_size, tta, progress,
+                                   check_orientation=check_orientation)
     if world_size() == 1:
         return mine
     indices: list[int] = []
@@ -113,7 +115,8 @@ def run_predict_across_ranks(config: PredictConfig, log: Callable[[str], None] |
     if main:
         log(f"predicting {len(paths)} images with {predictor.describe()} in {world_size()} processes")
     with progress_bar(config.progress and main, len(shard_indices(len(paths))), "predict", leave=True) as bar:
-        outcome = predict_files_across_ranks(predictor, paths, config.batch_size, config.tta, bar.update)
+        outcome = predict_files_across_ranks(predictor, paths, config.batch_size, config.tta, bar.update,
+                                             config.check_orientation)
     if not main:
         return 0  # rank 0 writes the CSVs and reports
     return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,

@@ -24,14 +24,14 @@ from catdog.runs import RunError, check_not_pickle, read_meta
 from catdog.config import option
 from catdog.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
 from catdog.devices import resolve_device
-from catdog.features import extract_features, file_digest
+from catdog.features import extract_features, file_digest, view_name
 from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
 from catdog.images import ImageLoadError, load_image
 from catdog.metrics import classification_metrics
 from catdog import corruptions
 from catdog.backends import load_run_predictor
 from catdog.predict import PredictionOutcome
-from catdog.probabilities import softmax, uses_mirror_view
+from catdog.probabilities import QUARTER_TURNS, OrientationCheck, softmax, uses_mirror_view
 
 
 @dataclass
@@ -48,6 +48,7 @@ class EvaluateConfig:
     cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
     mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
     ood_data: str = option("", "a folder of photos that show none of the classes: measure how well the run says \"neither\" (AUROC, shares accepted and refused at its threshold, ood_scores.png)", metavar="DIR")
+    check_orientation: bool = option(True, "with --corruptions: read a photo that looks turned a quarter the way up the network reads best, as predict does (the other figures are as the run was validated, without it)")
     corruptions: bool = option(False, "also score the photos under common damage (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; each at two severities, catdog/corruptions.py): a table in metrics.json (`corruptions`) and corruptions.png; head runs through the feature cache (damaged views are cached too), others through the predictor; minutes on a CPU")
 
     def __post_init__(self):
@@ -130,12 +131,13 @@ def calibration_entries(temperature: float, before: ReliabilityCurve, after: Rel
 
 def photo_scorer(config: EvaluateConfig, meta, tta: bool):
     """paths -> PredictionOutcome, as this evaluation scores photos: a head run through its cached features
-    (unless --no-feature-cache), any other through its predictor (the exported file on ONNX Runtime, or PyTorch)."""
+    (unless --no-feature-cache), any other through its predictor (the exported file on ONNX Runtime, or PyTorch).
+    Both as the run was validated: no orientation check (only `--corruptions` scores photos as predict does)."""
     if config.feature_cache and meta.strategy == "head":
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         return lambda paths: predict_through_feature_cache(Path(config.run), paths, tta, config.device, config.backend, cache_dir)
     predictor = load_run_predictor(config.run, config.backend, config.device, config.cache_dir or None)
-    return lambda paths: predictor.predict_files(paths, batch_size=config.batch_size, tta=tta)
+    return lambda paths: predictor.predict_files(paths, batch_size=config.batch_size, tta=tta, check_orientation=False)
 
 
 def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, score_photos, threshold: float | None,
@@ -275,8 +277,8 @@ def corruption_table(config: EvaluateConfig, images, log=print) -> dict:
     cache and any run through its predictor see the same damaged pixels.
 
     Every condition is scored as `predict` scores a photo: the first view, and the mirror view where the run would
-    add it (below its `mirror_below` confidence; `--tta` every photo, `--no-tta` none); the clean row the same way,
-    so the rows compare."""
+    add it (below its `mirror_below` confidence; `--tta` every photo, `--no-tta` none), after the orientation check
+    (`--check-orientation`, on by default as in predict); the clean row the same way, so the rows compare."""
     run_dir = Path(config.run)
     meta = read_meta(run_dir)
     class_names = list(meta.class_names)
@@ -290,7 +292,7 @@ def corruption_table(config: EvaluateConfig, images, log=print) -> dict:
         + ("through the cached backbone features" if through_cache else "through the predictor"))
 
     def row(condition: str | None) -> dict:
-        indices, probabilities = scorer.score(images.paths, condition, config.tta)
+        indices, probabilities = scorer.score(images.paths, condition, config.tta, config.check_orientation)
         truth = labels[indices]
         chosen = np.clip(probabilities[np.arange(len(indices)), truth], 1e-15, 1.0)
         return {"accuracy": float((probabilities.argmax(axis=1) == truth).mean()) if len(indices) else float("nan"),
@@ -298,7 +300,8 @@ def corruption_table(config: EvaluateConfig, images, log=print) -> dict:
 
     mirror_rule = {None: "as predict: the mirror view below the run's mirror_below confidence", True: "every photo",
                    False: "none"}[config.tta]
-    table = {"photos": len(images), "mirror_view": mirror_rule, "clean": row(None), "conditions": [],
+    table = {"photos": len(images), "mirror_view": mirror_rule, "orientation_check": config.check_orientation,
+             "clean": row(None), "conditions": [],
              "severities": {kind: {"unit": s.unit, "mild": s.mild, "strong": s.strong, "why": s.why}
                             for kind, s in corruptions.SEVERITIES.items()}}
     for kind, severity in corruptions.conditions("both"):
@@ -322,6 +325,10 @@ class _CachedHeadScorer:
         self.model, self.meta = load_model(run_dir)
         self.device, self.backend = resolve_device(config.device), config.backend
         self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        has_bank = self.meta.ood_method == "knn" and (run_dir / OOD_FILE).is_file()
+        self.ood_scorer = KnnScorer.load(run_dir / OOD_FILE) if has_bank else None
+        self.orientation_check = (OrientationCheck.from_validation_scores(self.meta.ood_validation_scores, self.meta.ood_threshold)
+                                  if has_bank else None)
 
     def _features(self, paths: list, view: str):
         return extract_features(paths, lambda: self.model.backbone, self.meta.model_name, self.meta.preprocess, (view,),
@@ -331,19 +338,45 @@ class _CachedHeadScorer:
         with torch.inference_mode():
             return self.model.head(torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
-    def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
-        first, mirror = ("original", "flipped") if condition is None else (condition, f"{condition}+flipped")
-        features = self._features(paths, first)
+    def score(self, paths: list, condition: str | None, tta: bool | None,
+              check_orientation: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """As `Predictor.predict_batch` does on the photos: the first view, the orientation check (the photos that
+        look turned read turned, from the cached features of their turned views), then the mirror view."""
+        base = condition or "original"
+        features = self._features(paths, view_name(base))
         usable = np.flatnonzero(features.valid_mask())
         logits = self._logits(features.features[usable, 0])
+        turns = np.zeros(len(usable), dtype=int)
+        if check_orientation and self.orientation_check is not None:
+            self._turn_upright(paths, usable, base, features.features[usable, 0], logits, turns)
         probabilities = softmax(logits / self.meta.temperature)
         rows = np.flatnonzero(uses_mirror_view(probabilities, tta, self.meta.tta, self.meta.mirror_below))
-        if len(rows):
-            flipped = self._features([paths[i] for i in usable[rows]], mirror)
+        for turn in np.unique(turns[rows]):
+            group = rows[turns[rows] == turn]
+            flipped = self._features([paths[i] for i in usable[group]], view_name(base, int(turn), mirrored=True))
             good = flipped.valid_mask()
-            logits[rows[good]] = (logits[rows[good]] + self._logits(flipped.features[good, 0])) / 2
-            probabilities = softmax(logits / self.meta.temperature)
-        return usable, probabilities
+            logits[group[good]] = (logits[group[good]] + self._logits(flipped.features[good, 0])) / 2
+        return usable, softmax(logits / self.meta.temperature)
+
+    def _turn_upright(self, paths: list, usable: np.ndarray, base: str, first_features: np.ndarray,
+                      logits: np.ndarray, turns: np.ndarray) -> None:
+        """`Predictor.upright` on cached features: updates `logits` and `turns` in place for the photos read turned."""
+        probabilities = softmax(logits / self.meta.temperature)
+        scores = self.ood_scorer.scores(first_features)
+        rows = np.flatnonzero(self.orientation_check.needs_check(probabilities, scores))
+        if not len(rows):
+            return
+        turned = [self._features([paths[i] for i in usable[rows]], view_name(base, k)) for k in QUARTER_TURNS]
+        good = np.all([view.valid_mask() for view in turned], axis=0)
+        rows = rows[good]
+        turned_features = np.stack([view.features[good, 0] for view in turned], axis=1)  # [R, turns, D]
+        turned_logits = np.stack([self._logits(turned_features[:, t]) for t in range(len(QUARTER_TURNS))], axis=1)
+        turned_scores = np.stack([self.ood_scorer.scores(turned_features[:, t]) for t in range(len(QUARTER_TURNS))], axis=1)
+        choice = self.orientation_check.choose_turns(probabilities[rows], scores[rows],
+                                                     softmax(turned_logits / self.meta.temperature), turned_scores)
+        taken = np.flatnonzero(choice >= 0)
+        logits[rows[taken]] = turned_logits[taken, choice[taken]]
+        turns[rows[taken]] = np.asarray(QUARTER_TURNS)[choice[taken]]
 
 
 class _PredictorScorer:
@@ -352,12 +385,13 @@ class _PredictorScorer:
     def __init__(self, predictor, batch_size: int):
         self.predictor, self.batch_size = predictor, max(1, batch_size)
 
-    def score(self, paths: list, condition: str | None, tta: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, paths: list, condition: str | None, tta: bool | None,
+              check_orientation: bool = True) -> tuple[np.ndarray, np.ndarray]:
         indices, arrays, probabilities = [], [], []
 
         def flush():
             if arrays:
-                probabilities.append(self.predictor.predict_batch(np.stack(arrays), tta)[0])
+                probabilities.append(self.predictor.predict_batch(np.stack(arrays), tta, check_orientation)[0])
                 arrays.clear()
 
         for index, path in enumerate(paths):

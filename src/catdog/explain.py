@@ -75,8 +75,10 @@ class Explanation:
         return self.overlay_png()
 
 
-def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = None, target: int | None = None) -> Explanation:
-    """Grad-CAM of `target` (default: the predicted class) for one RGB photo."""
+def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = None, target: int | None = None,
+                  check_orientation: bool = True) -> Explanation:
+    """Grad-CAM of `target` (default: the predicted class) for one RGB photo. A photo that `predict` would read
+    turned a quarter (`Predictor.upright`) is explained turned the same way, and its map turned back onto it."""
     if not predictor.has_heatmaps:
         raise RunError(f"{predictor.source or predictor.model_name}: this model file has no heatmaps (class_maps "
                        "output); export it again with `catdog export` (networks without a pooled convolutional map, "
@@ -85,10 +87,20 @@ def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = N
     outputs = predictor.network.run(image, ("logits", "class_maps") + (("ood_score",) if predictor.has_ood_score else ()))
     logits, maps = outputs["logits"][0], outputs["class_maps"][0]
     ood_score = float(outputs["ood_score"][0]) if "ood_score" in outputs else None
+    turn = 0
+    if check_orientation and ood_score is not None:
+        turned, _, turns = predictor.upright(image, logits[None], np.array([ood_score], dtype=np.float32))
+        turn = int(turns[0])
+        if turn:
+            image = turned
+            outputs = predictor.network.run(image, ("logits", "class_maps"))
+            logits, maps = outputs["logits"][0], outputs["class_maps"][0]
     if predictor.uses_mirror_view(softmax(logits[None] / predictor.temperature), tta)[0]:
         mirrored = predictor.network.run(np.ascontiguousarray(image[..., ::-1]), ("logits", "class_maps"))
         logits = (logits + mirrored["logits"][0]) / 2
         maps = (maps + mirrored["class_maps"][0][..., ::-1]) / 2
+    if turn:  # back onto the photo as the user sees it (the heatmap offset, a fraction of a cell, is not turned)
+        maps = np.rot90(maps, -turn, axes=(1, 2))
     probabilities = softmax(logits[None] / predictor.temperature)[0]
     target = int(probabilities.argmax()) if target is None else target
     size = predictor.preprocess.input_size
@@ -140,6 +152,7 @@ class ExplainConfig:
     run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither: the built-in zero-training cat/dog model")
     output: str = option("explanations", "folder for <photo>.gradcam.png and explanations.csv")
     tta: bool | None = option(None, "explain the photo and its mirror image together; default: as the run was validated")
+    check_orientation: bool = option(True, "explain a photo that looks turned a quarter the way up predict reads it")
     cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
 
     def __post_init__(self):
@@ -175,7 +188,7 @@ def run_explain(config: ExplainConfig, predictor: Predictor, log: Callable[[str]
         except ImageLoadError as error:
             failures.append((str(path), f"{error.reason}" + (f" ({error.detail})" if error.detail else "")))
             continue
-        explanation = explain_photo(predictor, photo, config.tta)
+        explanation = explain_photo(predictor, photo, config.tta, check_orientation=config.check_orientation)
         write_bytes_atomic(output / overlay_name, explanation.overlay_png())
         rows.append([str(path), explanation.label, f"{explanation.confidence:.6f}"]
                     + [f"{p:.6f}" for p in explanation.probabilities] + [overlay_name])

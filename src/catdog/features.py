@@ -12,7 +12,9 @@ Views (`VIEWS` are the clean ones): "original"; "flipped", its mirror image (fli
 "KIND@SEVERITY" (`corruptions.py`: the PIL image is damaged before the evaluation transform, seeded by the file's
 digest), and "KIND@SEVERITY+flipped" its mirror image; "damaged-N", the N-th damaged training view of a photo
 (`corruptions.training_damage`: a kind and severity drawn per photo). Damaged views are cached like clean ones,
-in folders keyed by the view's name and the damage's version.
+in folders keyed by the view's name and the damage's version. A view may also be turned a quarter as a tensor
+before any mirroring, as the predictor's orientation check turns a photo: "original+turned90",
+"KIND@SEVERITY+turned270+flipped" (`view_name`).
 """
 
 from __future__ import annotations
@@ -94,17 +96,34 @@ class FeatureCache:
             self.vectors[key] = vector.astype(np.float16)
 
 
-def split_view(view: str) -> tuple[str, bool]:
-    """(the image a view starts from: "clean", "KIND@SEVERITY" or "damaged-N"; whether it is mirrored)."""
+TURN_SUFFIXES = {1: "+turned90", 3: "+turned270"}  # rot90's k (counter-clockwise quarter turns) -> view suffix
+
+
+def view_name(base: str, turns: int = 0, mirrored: bool = False) -> str:
+    """The view of a photo ("original" or "KIND@SEVERITY") turned by rot90's k `turns`, then maybe mirrored."""
+    if base == "original" and not turns:
+        return "flipped" if mirrored else "original"
+    return base + (TURN_SUFFIXES[turns] if turns else "") + ("+flipped" if mirrored else "")
+
+
+def split_view(view: str) -> tuple[str, int, bool]:
+    """(the image a view starts from: "clean", "KIND@SEVERITY" or "damaged-N"; the quarter turns (rot90's k)
+    applied to its tensor; whether it is then mirrored)."""
     if view == "original":
-        return "clean", False
+        return "clean", 0, False
     if view == "flipped":
-        return "clean", True
+        return "clean", 0, True
     base, mirrored = (view[: -len("+flipped")], True) if view.endswith("+flipped") else (view, False)
+    turns = 0
+    for k, suffix in TURN_SUFFIXES.items():
+        if base.endswith(suffix):
+            base, turns = base[: -len(suffix)], k
+    if base == "original":
+        return "clean", turns, mirrored
     if base.startswith("damaged-") and base[len("damaged-"):].isdigit():
-        return base, mirrored
+        return base, turns, mirrored
     corruptions.parse_condition(base)  # raises on an unknown view
-    return base, mirrored
+    return base, turns, mirrored
 
 
 def damaged_image(image, base: str, key: str):
@@ -226,7 +245,7 @@ def extract_features(
     if missing and compute_missing:
         runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
         split = [split_view(view) for view in views]
-        bases = list(dict.fromkeys(base for base, _ in split))
+        bases = list(dict.fromkeys(base for base, _, _ in split))
         dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size,
                                      bases, [digests[i] for i in missing])
         loader = DataLoader(
@@ -240,9 +259,10 @@ def extract_features(
             errors.extend(batch.errors)
             if len(batch.images):
                 outputs = []
-                for base, mirrored in split:
-                    images = batch.images[:, bases.index(base)].contiguous()
-                    outputs.append(runner(images.flip(-1) if mirrored else images))
+                for base, turns, mirrored in split:
+                    images = batch.images[:, bases.index(base)]
+                    images = images.rot90(turns, dims=(-2, -1)) if turns else images
+                    outputs.append(runner((images.flip(-1) if mirrored else images).contiguous()))
                 stacked = torch.stack(outputs, dim=1).numpy()
                 for row, dataset_index in zip(stacked, batch.indices.tolist()):
                     computed[missing[dataset_index]] = row

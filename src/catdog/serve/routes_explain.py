@@ -50,7 +50,8 @@ async def explain(request: Request):
         decoded = time.perf_counter()
         if not service.predictor.has_heatmaps:
             return error_response(501, "no heatmaps", f"{service.predictor.source}: this model file has no class_maps output")
-        explanation = await asyncio.to_thread(explain_photo, service.predictor, photo, service.config.tta)
+        explanation = await asyncio.to_thread(explain_photo, service.predictor, photo, service.config.tta, None,
+                                              service.config.check_orientation)
         overlay = await loop.run_in_executor(service.decoder, explanation.overlay_png)
     except RequestProblem as problem:
         return problem_response(problem)
