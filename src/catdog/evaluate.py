@@ -361,22 +361,18 @@ class _CachedHeadScorer:
     def _turn_upright(self, paths: list, usable: np.ndarray, base: str, first_features: np.ndarray,
                       logits: np.ndarray, turns: np.ndarray) -> None:
         """`Predictor.upright` on cached features: updates `logits` and `turns` in place for the photos read turned."""
-        probabilities = softmax(logits / self.meta.temperature)
-        scores = self.ood_scorer.scores(first_features)
-        rows = np.flatnonzero(self.orientation_check.needs_check(probabilities, scores))
-        if not len(rows):
-            return
-        turned = [self._features([paths[i] for i in usable[rows]], view_name(base, k)) for k in QUARTER_TURNS]
-        good = np.all([view.valid_mask() for view in turned], axis=0)
-        rows = rows[good]
-        turned_features = np.stack([view.features[good, 0] for view in turned], axis=1)  # [R, turns, D]
-        turned_logits = np.stack([self._logits(turned_features[:, t]) for t in range(len(QUARTER_TURNS))], axis=1)
-        turned_scores = np.stack([self.ood_scorer.scores(turned_features[:, t]) for t in range(len(QUARTER_TURNS))], axis=1)
-        choice = self.orientation_check.choose_turns(probabilities[rows], scores[rows],
-                                                     softmax(turned_logits / self.meta.temperature), turned_scores)
-        taken = np.flatnonzero(choice >= 0)
-        logits[rows[taken]] = turned_logits[taken, choice[taken]]
-        turns[rows[taken]] = np.asarray(QUARTER_TURNS)[choice[taken]]
+
+        def turned_outputs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # Features of files the first view read are valid for their turned views too (the same decoded image).
+            turned = np.stack([self._features([paths[i] for i in usable[rows]], view_name(base, k)).features[:, 0]
+                               for k in QUARTER_TURNS], axis=1)  # [R, turns, D]
+            return (np.stack([self._logits(turned[:, t]) for t in range(len(QUARTER_TURNS))], axis=1),
+                    np.stack([self.ood_scorer.scores(turned[:, t]) for t in range(len(QUARTER_TURNS))], axis=1))
+
+        rows, ks, turned_logits = self.orientation_check.turns_to_take(logits, self.ood_scorer.scores(first_features),
+                                                                       self.meta.temperature, turned_outputs)
+        logits[rows] = turned_logits
+        turns[rows] = ks
 
 
 class _PredictorScorer:

@@ -153,24 +153,20 @@ class Predictor:
         turns = np.zeros(len(logits), dtype=int)
         if not self.checks_orientation:
             return images, logits, turns
-        probabilities = softmax(logits / self.temperature)
-        rows = np.flatnonzero(self.orientation_check.needs_check(probabilities, ood_scores))
+
+        def turned_outputs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            turned = np.stack([np.rot90(images[rows], k, axes=(2, 3)) for k in QUARTER_TURNS], axis=1)  # [R, turns, 3, S, S]
+            outputs = self.network.run(np.ascontiguousarray(turned.reshape(-1, *images.shape[1:])), ("logits", "ood_score"))
+            return (outputs["logits"].reshape(len(rows), len(QUARTER_TURNS), -1),
+                    outputs["ood_score"].reshape(len(rows), len(QUARTER_TURNS)))
+
+        rows, ks, turned_logits = self.orientation_check.turns_to_take(logits, ood_scores, self.temperature, turned_outputs)
         if not len(rows):
             return images, logits, turns
-        turned = np.stack([np.rot90(images[rows], k, axes=(2, 3)) for k in QUARTER_TURNS], axis=1)  # [R, turns, 3, S, S]
-        outputs = self.network.run(np.ascontiguousarray(turned.reshape(-1, *images.shape[1:])), ("logits", "ood_score"))
-        turned_logits = outputs["logits"].reshape(len(rows), len(QUARTER_TURNS), -1)
-        turned_scores = outputs["ood_score"].reshape(len(rows), len(QUARTER_TURNS))
-        choice = self.orientation_check.choose_turns(probabilities[rows], ood_scores[rows],
-                                                     softmax(turned_logits / self.temperature), turned_scores)
-        taken = np.flatnonzero(choice >= 0)
-        if not len(taken):
-            return images, logits, turns
-        chosen, picks = rows[taken], choice[taken]
         images, logits = images.copy(), logits.copy()
-        images[chosen] = turned[taken, picks]
-        logits[chosen] = turned_logits[taken, picks]
-        turns[chosen] = np.asarray(QUARTER_TURNS)[picks]
+        images[rows] = [np.rot90(images[row], k, axes=(1, 2)) for row, k in zip(rows, ks)]
+        logits[rows] = turned_logits
+        turns[rows] = ks
         return images, logits, turns
 
     def probabilities(self, images: np.ndarray, tta: bool | None = None, check_orientation: bool = True) -> np.ndarray:

@@ -144,3 +144,20 @@ class OrientationCheck:
         better = ((turned_scores[rows, best] < np.asarray(ood_scores) - self.margin)
                   & (turned_probabilities[rows, best].max(axis=-1) > probabilities.max(axis=-1)))
         return np.where(better, best, -1)
+
+    def turns_to_take(self, logits: np.ndarray, ood_scores: np.ndarray, temperature: float,
+                      turned_outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]):
+        """The whole check on first-view logits [N, classes] and scores [N]: (rows, ks, logits) of the photos to read
+        turned, their rot90 k and their turned view's logits [len(rows), classes]. turned_outputs(checked rows) gives
+        those photos' turned views' logits [R, turns, classes] and scores [R, turns], in QUARTER_TURNS' order; it is
+        called only when some photo needs the check. The predictor runs its network there, evaluation reads cached
+        features: the rule is this one function for both."""
+        probabilities = softmax(logits / temperature)
+        rows = np.flatnonzero(self.needs_check(probabilities, ood_scores))
+        if not len(rows):
+            return rows, rows, logits[:0]
+        turned_logits, turned_scores = turned_outputs(rows)
+        choice = self.choose_turns(probabilities[rows], np.asarray(ood_scores)[rows],
+                                   softmax(turned_logits / temperature), turned_scores)
+        taken = np.flatnonzero(choice >= 0)
+        return rows[taken], np.asarray(QUARTER_TURNS)[choice[taken]], turned_logits[taken, choice[taken]]
