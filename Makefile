@@ -28,7 +28,7 @@ demo: setup
 	  echo "or point DATA at any labelled image folder: make demo DATA=path/to/folder"; \
 	  exit 2; \
 	fi
-	$(BIN)/python -m catdog.demo --data "$(DATA)" --run "$(RUN)"
+	$(BIN)/python -m catdog.training.demo --data "$(DATA)" --run "$(RUN)"
 
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { \

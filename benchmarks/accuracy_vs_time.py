@@ -29,10 +29,10 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CATDOG, machine_description, require_shared_data, run_timed  # noqa: E402
 
-from catdog.data import discover, stratified_split  # noqa: E402
+from catdog.runtime.data import discover, stratified_split  # noqa: E402
 
-from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
-from catdog.metrics import classification_metrics  # noqa: E402
+from catdog.training.datasets import ImageFileDataset, collate_skipping_bad_images
+from catdog.training.metrics import classification_metrics  # noqa: E402
 
 SEED = 42
 

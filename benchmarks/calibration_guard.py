@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CATDOG, machine_description, require_shared_data, run_timed  # noqa: E402
 
-from catdog.calibration import log_loss_optimal_temperature, remove_temperature  # noqa: E402
-from catdog.checkpoint import read_meta  # noqa: E402
-from catdog.evaluate import evaluation_images, predict_through_feature_cache  # noqa: E402
+from catdog.training.calibration import log_loss_optimal_temperature, remove_temperature  # noqa: E402
+from catdog.training.checkpoint import read_meta  # noqa: E402
+from catdog.training.evaluate import evaluation_images, predict_through_feature_cache  # noqa: E402
 
 
 def validation_logits(run: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,9 +25,9 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--epochs", type=int, default=2)
     arguments = parser.parse_args()
-    from catdog.data import discover
-    from catdog.backends import load_torch_predictor
-    from catdog.train import TrainConfig, train
+    from catdog.runtime.data import discover
+    from catdog.training.backends import load_torch_predictor
+    from catdog.training.train import TrainConfig, train
 
     out = Path(arguments.out)
     results: dict = {"cuda": torch.cuda.is_available(), "torch": torch.__version__}

@@ -36,7 +36,7 @@ from common import ROOT, SHARED_DATA, machine_description  # noqa: E402
 def synthetic_training_speed(model_name: str, image_size: int, batch_size: int, steps: int, device: torch.device,
                              bf16_channels_last: bool, distributed: bool = False) -> float:
     """Images per second of forward + backward + AdamW steps on random batches (after two warm-up steps)."""
-    from catdog.models import create_model
+    from catdog.training.models import create_model
 
     torch.manual_seed(0)
     model = create_model(model_name, 2, pretrained=False).to(device)
@@ -72,7 +72,7 @@ def synthetic_training_speed(model_name: str, image_size: int, batch_size: int, 
 
 def ddp_worker(arguments) -> None:
     """One torchrun process of row 2: rank 0 prints the images/s of all processes together as JSON."""
-    from catdog.distributed import all_gather_objects, init_from_environment, is_distributed, is_main_process, shutdown
+    from catdog.training.distributed import all_gather_objects, init_from_environment, is_distributed, is_main_process, shutdown
 
     device = init_from_environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     speed = synthetic_training_speed(arguments.model, arguments.image_size, arguments.batch_size, arguments.steps,
@@ -175,10 +175,10 @@ def main() -> int:
 
         from dataclasses import replace
 
-        from catdog.data import discover
-        from catdog.features import extract_features
-        from catdog.models import create_model, get_model_spec
-        from catdog.backends import load_torch_predictor
+        from catdog.runtime.data import discover
+        from catdog.training.features import extract_features
+        from catdog.training.models import create_model, get_model_spec
+        from catdog.training.backends import load_torch_predictor
 
         paths = discover(str(data)).paths
         head_model = "efficientnet_lite0"

@@ -23,8 +23,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, require_shared_data  # noqa: E402
 
-from catdog.explain import load_explainer  # noqa: E402
-from catdog.images import load_image  # noqa: E402
+from catdog.runtime.explain import load_explainer  # noqa: E402
+from catdog.runtime.images import load_image  # noqa: E402
 
 
 def quadrant_canvas(photo: Image.Image, quadrant: int, side: int = 448) -> Image.Image:

@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, require_shared_data  # noqa: E402
 
-from catdog.data import discover  # noqa: E402
-from catdog.label_issues import find_label_issues, photo_features, rank_label_issues  # noqa: E402
+from catdog.runtime.data import discover  # noqa: E402
+from catdog.training.label_issues import find_label_issues, photo_features, rank_label_issues  # noqa: E402
 
 PER_CLASS, FLIPPED, TOP = 300, 12, 30
 

@@ -79,7 +79,7 @@ class Photos:
 
 
 def load_photos() -> Photos:
-    from catdog.data import discover, stratified_split
+    from catdog.runtime.data import discover, stratified_split
 
     images = discover(require_shared_data() / "train")
     train_idx, val_idx = stratified_split(images.labels, 0.2, 42)
@@ -95,8 +95,8 @@ def load_photos() -> Photos:
 def preset_features(preset: str, photos: Photos, scratch: Path) -> dict[str, np.ndarray]:
     """{"pets", "ood", "near"}: [files, 2 views, dim] float32, through catdog's feature cache (same keys as
     `catdog train` with this preset), saved to scratch as .npy."""
-    from catdog.features import extract_features
-    from catdog.models import create_model, get_model_spec
+    from catdog.training.features import extract_features
+    from catdog.training.models import create_model, get_model_spec
 
     model, size = PRESETS[preset]
     out = {}
@@ -131,7 +131,7 @@ def trained_head(preset: str, scratch: Path) -> tuple[np.ndarray, np.ndarray, fl
                 subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive.stdout, check=True)
             print(f"  training again with the last commit's catdog ({snapshot / 'src'})", flush=True)
             subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(snapshot / "src")})
-    from catdog.runs import read_meta
+    from catdog.runtime.runs import read_meta
     from safetensors.numpy import load_file
 
     tensors = load_file(str(run / "model.safetensors"))
@@ -156,7 +156,7 @@ def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
 
 
 def threshold_keeping(scores: np.ndarray, keep: float = KEEP) -> float:
-    return float(np.quantile(scores, keep, method="higher"))  # as catdog.probabilities.threshold_keeping
+    return float(np.quantile(scores, keep, method="higher"))  # as catdog.runtime.probabilities.threshold_keeping
 
 
 def knn_scores(bank: np.ndarray, queries: np.ndarray, ks: tuple[int, ...], batch: int = 1024) -> dict[int, np.ndarray]:
@@ -373,7 +373,7 @@ def evaluate_preset(preset: str, photos: Photos, scratch: Path, keep: float) -> 
 # ---------------------------------------------------------------- the built-in zero-training model
 
 
-CAT_CLASSES = tuple(range(281, 286))  # catdog.models.IMAGENET_CAT_CLASSES
+CAT_CLASSES = tuple(range(281, 286))  # catdog.training.models.IMAGENET_CAT_CLASSES
 DOG_CLASSES = tuple(range(151, 269))
 
 
@@ -383,9 +383,9 @@ def imagenet_logits(photos: Photos, scratch: Path) -> dict[str, np.ndarray]:
     the cache rounds them to float16, checked against the full network on a few photos below)."""
     import torch
 
-    from catdog.images import load_image
-    from catdog.models import get_model_spec, load_efficientnet_lite_imagenet
-    from catdog.transforms import eval_transform
+    from catdog.runtime.images import load_image
+    from catdog.training.models import get_model_spec, load_efficientnet_lite_imagenet
+    from catdog.runtime.transforms import eval_transform
 
     files = {name: scratch / f"imagenet-logits-{name}.npy" for name in ("pets", "ood", "near")}
     if all(f.is_file() for f in files.values()):
@@ -413,9 +413,9 @@ def imagenet_logits_at(photos: Photos, scratch: Path, size: int) -> dict[str, np
     photo is resized to size / 0.875 and centre-cropped), original view only."""
     import torch
 
-    from catdog.images import load_image
-    from catdog.models import get_model_spec, load_efficientnet_lite_imagenet
-    from catdog.transforms import eval_transform
+    from catdog.runtime.images import load_image
+    from catdog.training.models import get_model_spec, load_efficientnet_lite_imagenet
+    from catdog.runtime.transforms import eval_transform
 
     files = {name: scratch / f"imagenet-logits-{size}px-{name}.npy" for name in ("pets", "ood", "near")}
     if all(f.is_file() for f in files.values()):
@@ -579,8 +579,8 @@ def timings(presets: list[str]) -> None:
     import onnxruntime
     import torch
 
-    from catdog.features import default_cache_dir
-    from catdog.inference import session_options
+    from catdog.training.features import default_cache_dir
+    from catdog.runtime.inference import session_options
 
     from threadpoolctl import threadpool_limits
 
@@ -620,7 +620,7 @@ def timings(presets: list[str]) -> None:
             return np.min(((d @ precision) * d).sum(1))
 
         print(f"{preset}: Mahalanobis, full {dim} x {dim} precision: {1000 * median_seconds(mahalanobis, 200):.3f} ms")
-    from catdog.models import load_efficientnet_lite_imagenet
+    from catdog.training.models import load_efficientnet_lite_imagenet
 
     net = load_efficientnet_lite_imagenet("efficientnet_lite0").eval()
     for size in (224, 320):

@@ -99,10 +99,10 @@ def measure_predict(runs: dict[str, Path], folder: Path, scratch: Path, rounds: 
 
 def measure_in_process(runs: dict[str, Path], folder: Path, photos: int,
                        options: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
-    from catdog.images import load_image
-    from catdog.model_files import load_predictor
+    from catdog.runtime.images import load_image
+    from catdog.model_files import open_model
 
-    predictors = {name: load_predictor(run=str(run)) for name, run in runs.items()}
+    predictors = {name: open_model(run=str(run)) for name, run in runs.items()}
     first = next(iter(predictors.values()))
     arrays = np.stack([first.transform.array(load_image(path, draft_size=first.preprocess.resize_size))
                        for path in sorted(folder.glob("*.jpg"))[:photos]])

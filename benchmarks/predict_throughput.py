@@ -50,7 +50,7 @@ def tutorial_model(name: str):
     """
     import torchvision
 
-    from catdog.transforms import Preprocess
+    from catdog.runtime.transforms import Preprocess
 
     model = torchvision.models.resnet18(weights=None)
     model.fc = torch.nn.Linear(512, 2)
@@ -112,7 +112,7 @@ def train_default_run(data: Path, run: Path) -> Path:
 
 def both_views(predictor, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
     """Logits of each photo and of its mirror image, [photos, 2, classes], through the predictor's own model."""
-    from catdog.images import ImageLoadError, load_image
+    from catdog.runtime.images import ImageLoadError, load_image
 
     logits, kept = [], []
     for index, path in enumerate(paths):
@@ -127,7 +127,7 @@ def both_views(predictor, paths: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 
 def scheme_probabilities(view_logits: np.ndarray, temperature: float, mirror_below: float | None) -> tuple[np.ndarray, np.ndarray, float]:
-    from catdog.probabilities import softmax
+    from catdog.runtime.probabilities import softmax
 
     everything = softmax(view_logits.mean(axis=1) / temperature)
     first = softmax(view_logits[:, 0] / temperature)
@@ -136,9 +136,9 @@ def scheme_probabilities(view_logits: np.ndarray, temperature: float, mirror_bel
 
 
 def accuracy_check(run: Path) -> dict:
-    from catdog.model_files import load_predictor
+    from catdog.model_files import open_model
 
-    predictor = load_predictor(run=str(run))
+    predictor = open_model(run=str(run))
     split = json.loads((run / "split.json").read_text())
     paths = [Path(split["root"]) / relative for relative in split["val"]]
     labels = np.array([split["class_names"].index(Path(p).name.split(".")[0]) for p in split["val"]])
@@ -156,9 +156,9 @@ def accuracy_check(run: Path) -> dict:
 
 def profile(run: Path, folder: Path, scratch: Path) -> dict:
     """Where a photo's time goes, measured in this process (start-up: a fresh process predicting one photo)."""
-    from catdog.images import load_image
-    from catdog.model_files import load_predictor
-    from catdog.probabilities import softmax
+    from catdog.runtime.images import load_image
+    from catdog.model_files import open_model
+    from catdog.runtime.probabilities import softmax
 
     single = scratch / "one"
     single.mkdir(exist_ok=True)
@@ -166,7 +166,7 @@ def profile(run: Path, folder: Path, scratch: Path) -> dict:
     (single / first_photo.name).write_bytes(first_photo.read_bytes())
     startup = min(catdog_predict(run, single, scratch / "one.csv")[0] for _ in range(3))
     started = time.perf_counter()
-    predictor = load_predictor(run=str(run))
+    predictor = open_model(run=str(run))
     session_seconds = time.perf_counter() - started
     paths = sorted(folder.glob("*.jpg"))[:64]
     started = time.perf_counter()

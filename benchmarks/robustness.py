@@ -3,7 +3,7 @@
 before: today's recipe (the preset with --damage-views 0); after: the preset as it is now (its damaged training
 views). Both are trained cold (an empty feature cache each, so every feature is computed) in this one invocation,
 one after the other, then evaluated with `catdog evaluate --corruptions` (each kind of damage of
-catdog/corruptions.py at its two severities, on the validation split; the damaged photos' features are computed
+catdog/training/corruptions.py at its two severities, on the validation split; the damaged photos' features are computed
 once, in a shared cache, and serve both runs). Prints one table and writes robustness.json into --work.
 
     .venv/bin/python benchmarks/robustness.py [--preset default|fast] [--work /tmp/robustness]

@@ -36,7 +36,7 @@ def main() -> None:
     arguments = parser.parse_args()
     import optuna
 
-    from catdog.tune import sqlalchemy_url
+    from catdog.training.tune import sqlalchemy_url
 
     data = require_shared_data() / "train"
     work = Path(tempfile.mkdtemp(prefix="catdog-tune-benchmark-"))

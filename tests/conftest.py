@@ -59,8 +59,8 @@ def shared_data() -> Path:
 def served_run(tmp_path_factory) -> tuple[Path, Path]:
     """(run directory, its exported model.onnx): a tiny simple_cnn run that tells the two colours apart, trained and
     exported once per session for the serve, explain and browser tests."""
-    from catdog.export import ExportConfig, run_export
-    from catdog.train import TrainConfig, train
+    from catdog.training.export import ExportConfig, run_export
+    from catdog.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("served-run")
     with pytest.MonkeyPatch.context() as patch:

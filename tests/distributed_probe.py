@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import catdog.datasets
+import catdog.training.datasets
 import catdog.training.finetune
 from catdog.cli import main
 
@@ -46,7 +46,7 @@ def record(**values) -> None:
 
 record(pid=os.getpid())
 
-original_getitem = catdog.datasets.ImageFileDataset.__getitem__
+original_getitem = catdog.training.datasets.ImageFileDataset.__getitem__
 
 
 def recording_getitem(self, index):
@@ -54,7 +54,7 @@ def recording_getitem(self, index):
     return original_getitem(self, index)
 
 
-catdog.datasets.ImageFileDataset.__getitem__ = recording_getitem
+catdog.training.datasets.ImageFileDataset.__getitem__ = recording_getitem
 
 original_set_epoch = torch.utils.data.DistributedSampler.set_epoch
 

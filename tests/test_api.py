@@ -1,4 +1,4 @@
-"""The Python API: `catdog.train/evaluate/tune/load` call the commands' own functions; the package stays lazy; the
+"""The Python API: `catdog.training.train/evaluate/tune/load` call the commands' own functions; the package stays lazy; the
 command modules of the same names keep working as modules."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from conftest import colour_image, make_kaggle_folder
 from PIL import Image
 
 import catdog
-from catdog.data import DataError
-from catdog.images import ImageLoadError
+from catdog.runtime.data import DataError
+from catdog.runtime.images import ImageLoadError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -30,37 +30,38 @@ def run_python(code: str) -> str:
 
 
 def test_import_catdog_does_not_import_torch_or_the_api():
-    loaded = run_python("import sys, catdog; print(sorted(m for m in ('torch', 'catdog.api', 'catdog.train') if m in sys.modules))")
+    loaded = run_python("import sys, catdog; print(sorted(m for m in ('torch', 'catdog.api', 'catdog.training.train') if m in sys.modules))")
     assert loaded.strip() == "[]"
 
 
 @pytest.mark.parametrize("first", ["attribute", "import_as", "from_import"])
-def test_train_evaluate_tune_are_api_functions_and_still_modules(first):
-    """Whichever way a command module is reached first, `catdog.<name>(...)` calls the API while the module's
-    contents stay reachable through every import spelling (a fresh interpreter per order)."""
+def test_each_name_has_one_meaning_whatever_was_imported_first(first):
+    """`catdog.train`, `catdog.evaluate`, `catdog.tune` are the API's functions, however the command modules (which
+    live in their layer, `catdog.training.train`, ...) were reached first; every module is a plain module (no
+    module-class swap), and the package's attributes are never a command module (a fresh interpreter per order)."""
     reach_first = {
-        "attribute": "catdog.train; catdog.evaluate; catdog.tune",
-        "import_as": "import catdog.train as t; import catdog.evaluate as e; import catdog.tune as u; assert t.TrainConfig",
-        "from_import": "from catdog.train import TrainConfig; from catdog.evaluate import EvaluateConfig; from catdog.tune import TuneConfig",
+        "attribute": "import catdog.training.train, catdog.training.evaluate, catdog.training.tune; catdog.training.train.train",
+        "import_as": "import catdog.training.train as t; import catdog.training.evaluate as e; import catdog.training.tune as u; assert t.TrainConfig",
+        "from_import": "from catdog.training.train import TrainConfig; from catdog.training.evaluate import EvaluateConfig; from catdog.training.tune import TuneConfig",
     }[first]
     code = f"""
-import inspect, types, catdog
+import inspect, sys, types, catdog
 {reach_first}
-import catdog.train as train_module
-from catdog.train import TrainConfig, train as train_command
-from catdog import evaluate
-assert isinstance(train_module, types.ModuleType) and train_module is catdog.train
-assert catdog.train.TrainConfig is TrainConfig and catdog.train.train is train_command
-assert catdog.evaluate.EvaluateConfig and evaluate.evaluate_run and catdog.tune.TuneConfig
-assert "run_dir" in inspect.signature(catdog.train).parameters
-assert "data" in inspect.signature(catdog.evaluate).parameters
+import catdog.api
 for name in ("train", "evaluate", "tune"):
+    assert getattr(catdog, name) is getattr(catdog.api, name), name
+    assert inspect.isfunction(getattr(catdog, name)), name
+    assert type(sys.modules["catdog.training." + name]) is types.ModuleType, name
     try:
         getattr(catdog, name)("somewhere", no_such_option=1)
     except TypeError as error:
         assert f"catdog.{{name}}() got unknown option(s) no_such_option" in str(error), error
     else:
         raise AssertionError(name)
+assert "run_dir" in inspect.signature(catdog.train).parameters and "data" in inspect.signature(catdog.evaluate).parameters
+assert all(type(module) is types.ModuleType for name, module in sys.modules.items() if name.startswith("catdog"))
+assert not [name for name in dir(catdog) if isinstance(getattr(catdog, name), types.ModuleType)
+            and name in catdog.API_NAMES]
 print("ok")
 """
     assert run_python(code).strip() == "ok"
@@ -68,21 +69,21 @@ print("ok")
 
 def test_plots_keep_a_backend_the_program_chose():
     """catdog's PNG plots use Agg, but leave alone a backend chosen before (a notebook's inline backend)."""
-    draw = "from catdog.plotting import headless_pyplot; plt = headless_pyplot(); plt.close(plt.figure()); "
+    draw = "from catdog.training.plotting import headless_pyplot; plt = headless_pyplot(); plt.close(plt.figure()); "
     assert run_python(draw + "import matplotlib; print(matplotlib.get_backend())").strip().lower() == "agg"
     chosen = "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot; "
     assert run_python(chosen + draw + "print(matplotlib.get_backend())").strip().lower() == "svg"
 
 
 def test_monkeypatch_by_dotted_name_reaches_the_module(monkeypatch):
-    import catdog.train
+    import catdog.training.train
 
     def always_finetune(config, device, train_images):
         return "finetune"
 
     # resolve_strategy: a name the command's own train() looks up in its module (defined in catdog.training.config)
-    monkeypatch.setattr("catdog.train.resolve_strategy", always_finetune)
-    assert catdog.train.resolve_strategy is always_finetune
+    monkeypatch.setattr("catdog.training.train.resolve_strategy", always_finetune)
+    assert catdog.training.train.resolve_strategy is always_finetune
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,7 @@ def test_load_without_a_run_is_the_builtin_model():
 
 
 def test_load_refuses_what_is_not_a_run(tmp_path):
-    from catdog.runs import RunError
+    from catdog.runtime.runs import RunError
 
     with pytest.raises(RunError, match="not a catdog run directory"):
         catdog.load(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_kaggle_folder
 
-from catdog.calibration import (
+from catdog.training.calibration import (
     MIN_TEMPERATURE,
     expected_calibration_error,
     fit_temperature,
@@ -18,7 +18,7 @@ from catdog.calibration import (
     remove_temperature,
 )
 from catdog.cli import main
-from catdog.train import TrainConfig, train
+from catdog.training.train import TrainConfig, train
 
 
 def binary_logits(margins: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

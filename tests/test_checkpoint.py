@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from catdog.checkpoint import flatten_state, load_model, load_training_state, save_training_state, unflatten_state
+from catdog.training.checkpoint import flatten_state, load_model, load_training_state, save_training_state, unflatten_state
 
-from catdog.runs import RunError
-from catdog.files import write_text_atomic
+from catdog.runtime.runs import RunError
+from catdog.runtime.files import write_text_atomic
 
 
 def test_training_state_round_trip(tmp_path):
@@ -49,7 +49,7 @@ def test_pickles_are_refused(tmp_path):
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "out.txt"
     write_text_atomic(target, "old")
-    from catdog.files import atomic_path
+    from catdog.runtime.files import atomic_path
 
     with pytest.raises(RuntimeError):
         with atomic_path(target) as temporary:

@@ -11,8 +11,8 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 from PIL import Image, ImageFilter
 
-from catdog import corruptions
-from catdog.corruptions import KINDS, SEVERITIES, damage, training_damage
+from catdog.training import corruptions
+from catdog.training.corruptions import KINDS, SEVERITIES, damage, training_damage
 
 
 def photo(size=(120, 90), seed=0) -> Image.Image:
@@ -110,8 +110,8 @@ def test_training_damage_draws_a_kind_per_photo_and_view_reproducibly():
 
 
 def test_damaged_views_have_their_own_cache_folders_and_clean_ones_keep_theirs(tmp_path):
-    from catdog.features import cache_folder, split_view
-    from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess
+    from catdog.training.features import cache_folder, split_view
+    from catdog.runtime.transforms import EVAL_TRANSFORM_VERSION, Preprocess
 
     preprocess = Preprocess(input_size=64)
     settings = json.dumps({"model": "m", "preprocess": preprocess.to_dict(), "view": "original",
@@ -129,8 +129,8 @@ def test_damaged_views_have_their_own_cache_folders_and_clean_ones_keep_theirs(t
 def test_a_damaged_view_is_the_backbone_on_the_damaged_photo(tmp_path):
     import torch
 
-    from catdog.features import extract_features, file_digest
-    from catdog.transforms import Preprocess, eval_transform
+    from catdog.training.features import extract_features, file_digest
+    from catdog.runtime.transforms import Preprocess, eval_transform
 
     path = tmp_path / "cat.0.jpg"
     colour_image(0, 0, size=(64, 48)).save(path)
@@ -141,7 +141,7 @@ def test_a_damaged_view_is_the_backbone_on_the_damaged_photo(tmp_path):
 
     features = extract_features([path], backbone, "probe", preprocess, ("original", "dark@0.35", "dark@0.35+flipped"),
                                 backend="torch", cache_dir=tmp_path / "cache", num_workers=0).features[0]
-    from catdog.images import load_image
+    from catdog.runtime.images import load_image
 
     expected = eval_transform(preprocess)(damage(load_image(path), "dark", 0.35, file_digest(path))).mean(axis=(1, 2))
     assert np.allclose(features[1], expected, atol=1e-2) and np.allclose(features[2], expected, atol=1e-2)
@@ -152,7 +152,7 @@ def test_a_damaged_view_is_the_backbone_on_the_damaged_photo(tmp_path):
 
 
 def test_the_head_trains_on_damaged_views(tmp_path):
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     data = make_kaggle_folder(tmp_path / "train", per_class=10)
     common = dict(data=str(data), model="efficientnet_lite0", strategy="head", epochs=5, num_workers=0, progress=False,
@@ -174,7 +174,7 @@ def test_the_head_trains_on_damaged_views(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_head_run(tmp_path_factory):
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("corruptions")
     data = make_kaggle_folder(root / "train", per_class=8)
@@ -211,9 +211,9 @@ def test_evaluate_corruptions_writes_the_table_and_the_plot(tiny_head_run, tmp_p
 def test_a_turned_view_is_the_backbone_on_the_turned_tensor(tmp_path):
     import torch
 
-    from catdog.features import extract_features, file_digest
-    from catdog.images import load_image
-    from catdog.transforms import Preprocess, eval_transform
+    from catdog.training.features import extract_features, file_digest
+    from catdog.runtime.images import load_image
+    from catdog.runtime.transforms import Preprocess, eval_transform
 
     path = tmp_path / "cat.0.jpg"
     colour_image(0, 0, size=(64, 48)).save(path)
@@ -239,7 +239,7 @@ def test_a_turned_view_is_the_backbone_on_the_turned_tensor(tmp_path):
 
 def test_the_cached_features_and_the_predictor_turn_the_same_photos(tiny_head_run, tmp_path, monkeypatch):
     from catdog.cli import main
-    from catdog.probabilities import OrientationCheck
+    from catdog.runtime.probabilities import OrientationCheck
 
     def scores(name: str, *options: str) -> list[tuple[float, float]]:
         assert main(["evaluate", "--run", str(tiny_head_run), "--out", str(tmp_path / name), "--corruptions", *options]) == 0

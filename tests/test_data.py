@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import colour_image, make_class_folders, make_kaggle_folder
 
-from catdog.data import DataError, discover, stratified_split
+from catdog.runtime.data import DataError, discover, stratified_split
 
-from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
-from catdog.transforms import Preprocess, eval_transform
+from catdog.training.datasets import ImageFileDataset, collate_skipping_bad_images
+from catdog.runtime.transforms import Preprocess, eval_transform
 
 
 def test_kaggle_flat_layout(tmp_path):
@@ -114,7 +114,7 @@ def test_dataset_skips_bad_files_without_crashing(tmp_path):
 def test_augmentation_seed_makes_each_images_augmentation_independent_of_who_draws_it(tmp_path):
     """Training sets `augmentation_seed` per epoch, so under torchrun every process augments image i exactly as one
     process would, whatever its generator's state; the caller's generator is left alone."""
-    from catdog.augmentation import Augmentation, train_transform
+    from catdog.training.augmentation import Augmentation, train_transform
 
     folder = make_kaggle_folder(tmp_path / "train", per_class=2)
     paths = sorted(folder.glob("*.jpg"))

@@ -22,16 +22,16 @@ import torch
 from conftest import colour_image, make_kaggle_folder
 from safetensors.torch import load_file
 
-from catdog.checkpoint import load_model, load_training_state
+from catdog.training.checkpoint import load_model, load_training_state
 
-from catdog.runs import LAST_CHECKPOINT_FILE
-from catdog.datasets import ImageFileDataset, collate_skipping_bad_images
-from catdog.model_files import load_predictor
-from catdog.predict import PredictConfig, run_predict
-from catdog.train import TrainConfig, train
+from catdog.runtime.runs import LAST_CHECKPOINT_FILE
+from catdog.training.datasets import ImageFileDataset, collate_skipping_bad_images
+from catdog.model_files import open_model
+from catdog.runtime.predict import PredictConfig, run_predict
+from catdog.training.train import TrainConfig, train
 from catdog.training.finetune import GlobalBatchSampler
 from catdog.training.loop import predict_logits
-from catdog.transforms import eval_transform
+from catdog.runtime.transforms import eval_transform
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -209,7 +209,7 @@ def test_sharded_predict_writes_the_one_process_csvs(tmp_path):
     missing = str(tmp_path / "missing.jpg")
 
     assert run_predict(PredictConfig(paths=[str(inputs), missing], run=str(run), output=str(tmp_path / "one.csv"),
-                                     progress=False), load_predictor(run=str(run)), log=lambda message: None) == 3
+                                     progress=False), open_model(run=str(run)), log=lambda message: None) == 3
     launched = torchrun(["-m", "catdog", "--", "predict", "--run", str(run), str(inputs), missing,
                          "--output", str(tmp_path / "two.csv"), "--no-progress"])
     assert "2 processes" in launched.stdout and "failed" in launched.stdout, launched.stdout

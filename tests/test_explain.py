@@ -7,6 +7,7 @@ import base64
 import csv
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,11 @@ import torch
 from conftest import colour_image, make_kaggle_folder
 from PIL import Image
 
-from catdog.backends import load_torch_predictor
+from catdog.training.backends import load_torch_predictor
 from catdog.cli import main
-from catdog.explain import explain_photo
-from catdog.export import DeployableNetwork, builtin_model, exported_model_file, load_exportable, write_model_file
-from catdog.models import (
+from catdog.runtime.explain import explain_photo
+from catdog.training.export import DeployableNetwork, builtin_model, builtin_model_file, load_exportable, open_run_with_export, write_model_file
+from catdog.training.models import (
     IMAGENET_CAT_CLASSES,
     IMAGENET_DOG_CLASSES,
     MODEL_SPECS,
@@ -26,9 +27,10 @@ from catdog.models import (
     SimpleCNNBackbone,
     create_model,
 )
-from catdog.predict import Predictor, load_model_file
-from catdog.runs import RunError, RunMeta
-from catdog.train import TrainConfig, train
+from catdog.runtime.predict import Predictor
+from catdog.runtime.model_file import load_model_file
+from catdog.runtime.runs import RunError, RunMeta
+from catdog.training.train import TrainConfig, train
 
 # Cats the zero-training model and a small head run both classify as cats when pasted small on a grey canvas
 # (the zero-training model calls many grey-canvas cats a dog: a grey Weimaraner is an ImageNet class).
@@ -56,7 +58,7 @@ def head_run(tmp_path_factory):
         data = make_kaggle_folder(root / "train", per_class=8)
         train(TrainConfig(data=str(data), out=str(root / "run"), preset="fast", strategy="head", flip=False, epochs=10,
                           num_workers=0, progress=False), log=lambda _: None)
-        model_file = exported_model_file(str(root / "run"))
+        model_file = Path(open_run_with_export(str(root / "run")).source)
     return root / "run", model_file
 
 
@@ -178,7 +180,7 @@ def check_class_maps_are_grad_cam(network: DeployableNetwork, meta: RunMeta, pat
 
 
 def test_class_maps_are_grad_cam_simple_cnn(run_dir, model_file, tmp_path):
-    network, meta, _ = load_exportable(str(run_dir))  # trained: two classes, 32 px
+    network, meta = load_exportable(str(run_dir))  # trained: two classes, 32 px
     check_class_maps_are_grad_cam(network, meta, model_file)
     torch.manual_seed(0)  # untrained, three classes (the log-odds weigh the other classes by softmax), 224 px
     meta = RunMeta("simple_cnn", ["cat", "dog", "fox"], MODEL_SPECS["simple_cnn"].preprocess, 1.0, "finetune")
@@ -190,7 +192,7 @@ def test_class_maps_are_grad_cam_simple_cnn(run_dir, model_file, tmp_path):
 @pytest.mark.slow
 def test_class_maps_are_grad_cam_efficientnet_lite0(head_run):
     run, model_file = head_run
-    network, meta, _ = load_exportable(str(run))
+    network, meta = load_exportable(str(run))
     assert meta.model_name == "efficientnet_lite0" and type(network.model.backbone).__name__ == "EfficientNet"
     check_class_maps_are_grad_cam(network, meta, model_file)
 
@@ -198,7 +200,7 @@ def test_class_maps_are_grad_cam_efficientnet_lite0(head_run):
 @pytest.mark.slow
 def test_class_maps_are_grad_cam_builtin_model():
     model, meta = builtin_model()
-    check_class_maps_are_grad_cam(DeployableNetwork(model), meta, exported_model_file(None))
+    check_class_maps_are_grad_cam(DeployableNetwork(model), meta, builtin_model_file())
 
 
 # ---------------------------------------------------------------- a frozen backbone
@@ -282,7 +284,7 @@ def quadrant_shares(predictor: Predictor, photo: Image.Image) -> list[float]:
 
 @pytest.mark.slow
 def test_heatmap_finds_the_cat_zero_training_model(shared_data):
-    predictor = load_model_file(exported_model_file(None))
+    predictor = load_model_file(builtin_model_file())
     assert predictor.is_zero_training and predictor.has_heatmaps
     for name in QUADRANT_CATS:
         shares = quadrant_shares(predictor, Image.open(shared_data / "train" / name).convert("RGB"))
@@ -298,7 +300,7 @@ def test_heatmap_finds_the_cat_trained_run(shared_data, tmp_path):
             (data / f"{kind}.{number}.jpg").symlink_to(shared_data / "train" / f"{kind}.{number}.jpg")
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), preset="fast", flip=False, num_workers=0, progress=False),
           log=lambda _: None)
-    predictor = load_model_file(exported_model_file(str(tmp_path / "run")))
+    predictor = open_run_with_export(str(tmp_path / "run"))
     assert predictor.meta.strategy == "head"
     for name in QUADRANT_CATS:
         shares = quadrant_shares(predictor, Image.open(shared_data / "train" / name).convert("RGB"))

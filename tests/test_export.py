@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -16,15 +17,17 @@ import torch
 from conftest import colour_image, make_kaggle_folder
 from onnx import TensorProto, helper, numpy_helper
 
-from catdog import export as export_module
-from catdog.checkpoint import load_model, save_model
+from catdog.training import export as export_module
+from catdog.training.checkpoint import load_model, save_model
 from catdog.cli import main
-from catdog.export import ExportConfig, ExportParityError, exported_model_file, parity_batch, run_export
-from catdog.model_files import model_file_for
-from catdog.predict import MODEL_FORMAT, load_model_file, load_run_model_file, weights_digest
-from catdog.runs import RunError, RunMeta, read_meta
-from catdog.train import TrainConfig, train
-from catdog.transforms import DENOISE_ABOVE
+from catdog.training.export import ExportConfig, ExportParityError, builtin_model_file, open_run_with_export, parity_batch, run_export
+from catdog.model_files import open_model
+
+from catdog.runtime.model_file import MODEL_FORMAT, load_model_file, open_run
+from catdog.runtime.runs import weights_digest
+from catdog.runtime.runs import RunError, RunMeta, read_meta
+from catdog.training.train import TrainConfig, train
+from catdog.runtime.transforms import DENOISE_ABOVE
 
 OUTPUTS = ("logits", "features", "class_maps", "ood_score")
 
@@ -88,27 +91,29 @@ def test_export_defaults_to_the_run_and_a_stale_model_file_is_not_used(run_dir, 
     cache = tmp_path / "cache"
     assert main(["export", "--run", str(run)]) == 0
     own = run / "model.onnx"
-    current = load_run_model_file(run)
-    assert current is not None and current.source == str(own)
-    assert exported_model_file(str(run), cache) == own and model_file_for("", str(run), cache) == own
+    current = open_run(run)
+    assert current.source == str(own)
+    assert open_run_with_export(str(run), cache).source == str(own) and open_model(run=str(run), cache_dir=cache).source == str(own)
     assert not (cache / "models").exists()  # the run's own file is current: nothing exported again
 
     # An edited meta.json (here the temperature) is part of what the file serves: the old file is stale too.
     meta_path = run / "meta.json"
     original_meta = meta_path.read_text()
     meta_path.write_text(json.dumps({**json.loads(original_meta), "temperature": 2.5}))
-    assert load_run_model_file(run) is None
+    with pytest.raises(RunError, match="no model.onnx exported from its current weights"):
+        open_run(run)  # without the training layer's export, a stale file is refused, never served
     meta_path.write_text(original_meta)
-    assert load_run_model_file(run) is not None
+    assert open_run(run).source == str(own)
 
     model, meta = load_model(run)
     with torch.no_grad():
         model.head.weight.mul_(-1.0)  # new weights after the export: model.onnx no longer matches them
     save_model(run, model, meta)
-    assert load_run_model_file(run) is None
-    fresh = exported_model_file(str(run), cache)
+    with pytest.raises(RunError, match="no model.onnx exported from its current weights"):
+        open_run(run)
+    fresh = Path(open_run_with_export(str(run), cache).source)
     assert fresh != own and fresh.parent == cache / "models" and fresh.is_file()
-    assert model_file_for("", str(run), cache) == fresh
+    assert open_model(run=str(run), cache_dir=cache).source == str(fresh)
     predictor = load_model_file(fresh)
     assert predictor.network.metadata["weights_sha1"] == weights_digest(run) != current.network.metadata["weights_sha1"]
     batch = parity_batch(run, meta.preprocess, 4)
@@ -125,7 +130,7 @@ def test_export_the_builtin_model(tmp_path):
     assert predictor.is_zero_training and predictor.class_names == ["cat", "dog"]
     assert predictor.network.outputs == OUTPUTS and predictor.has_heatmaps
     assert predictor.network.metadata["catdog_format"] == MODEL_FORMAT and predictor.network.metadata["weights_sha1"] == ""
-    from catdog.backends import load_torch_predictor
+    from catdog.training.backends import load_torch_predictor
 
     pictures = [colour_image(label, 40 + label, size=(96, 80)) for label in (0, 1)]
     np.testing.assert_allclose(predictor.predict_pil(pictures), load_torch_predictor(None, "cpu").predict_pil(pictures),
@@ -170,7 +175,7 @@ def test_failed_parity_fails_loudly_and_writes_nothing(run_dir, tmp_path, monkey
         run_export(ExportConfig(run=str(run)), log=lambda _: None)  # the default: RUN/model.onnx
     assert sorted(path.name for path in run.iterdir()) == before  # no model.onnx, no staging file left
     with pytest.raises(ExportParityError, match="exceeds"):
-        exported_model_file(str(run), tmp_path / "cache")  # an export on first use is checked the same way
+        open_run_with_export(str(run), tmp_path / "cache")  # an export on first use is checked the same way
     assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]
 
 
@@ -182,7 +187,7 @@ def test_onnx_sessions_leave_the_callers_floating_point_alone(threads):
     frozen-feature extraction's, with torch's thread count) takes its settings from `inference.session_options`."""
     import io
 
-    from catdog.inference import session_options
+    from catdog.runtime.inference import session_options
 
     options = session_options(threads)
     assert options.intra_op_num_threads >= 1 and (threads is None or options.intra_op_num_threads == threads)
@@ -224,14 +229,14 @@ def test_the_builtin_models_cached_file_changes_with_its_preprocessing(monkeypat
     file predict and serve then use: the cached file's name carries the preprocessing's digest."""
     from dataclasses import replace
 
-    from catdog.models import zero_training_preprocess
+    from catdog.training.models import zero_training_preprocess
 
     written = []
     (tmp_path / "models").mkdir()
-    monkeypatch.setattr(export_module, "load_exportable", lambda run: (None, None, ""))
-    monkeypatch.setattr(export_module, "write_model_file", lambda network, meta, path, digest: (written.append(path), path.touch()))
-    first = exported_model_file(None, tmp_path)
-    assert exported_model_file(None, tmp_path) == first and written == [first]  # made once, then reused
+    monkeypatch.setattr(export_module, "load_exportable", lambda run: (None, None))
+    monkeypatch.setattr(export_module, "write_model_file", lambda network, meta, path: (written.append(path), path.touch()))
+    first = builtin_model_file(tmp_path)
+    assert builtin_model_file(tmp_path) == first and written == [first]  # made once, then reused
     monkeypatch.setattr(export_module, "zero_training_preprocess", lambda: replace(zero_training_preprocess(), denoise_above=None))
-    second = exported_model_file(None, tmp_path)
+    second = builtin_model_file(tmp_path)
     assert second != first and written == [first, second]

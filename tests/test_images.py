@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from catdog.images import ImageLoadError, load_image
+from catdog.runtime.images import ImageLoadError, load_image
 
 
 def encode(image: Image.Image, format: str, **options) -> bytes:

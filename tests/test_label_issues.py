@@ -10,10 +10,10 @@ import pytest
 from conftest import make_kaggle_folder
 
 from catdog.cli import main
-from catdog.data import DataError, discover
-from catdog.exclusions import exclude_listed, read_exclusion_list
-from catdog.label_issues import CSV_COLUMNS, out_of_fold_probabilities, rank_label_issues
-from catdog.train import TrainConfig, train
+from catdog.runtime.data import DataError, discover
+from catdog.training.exclusions import exclude_listed, read_exclusion_list
+from catdog.training.label_issues import CSV_COLUMNS, out_of_fold_probabilities, rank_label_issues
+from catdog.training.train import TrainConfig, train
 
 
 def read_csv(path):

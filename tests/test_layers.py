@@ -1,4 +1,5 @@
-"""The two layers (issue 18): a runtime that never imports torch, and a training layer above it.
+"""The layers (issues 18 and 24): a runtime that never imports torch, the web service on it, a training layer
+above it, and the top (cli, api, model_files); each a folder, importing downward only.
 
 Read with the standard library's `ast`, every import counts, including those inside functions; only the bodies of
 `if TYPE_CHECKING:` do not (they never run). Three checks:
@@ -27,26 +28,17 @@ from pathlib import Path
 
 import pytest
 
-# The runtime layer. Every catdog.serve.* module belongs to it as well (found on disk, see runtime_modules()).
-RUNTIME_MODULES = (
-    "catdog",
-    "catdog.files",
-    "catdog.config",
-    "catdog.images",
-    "catdog.transforms",
-    "catdog.runs",
-    "catdog.data",
-    "catdog.progress",
-    "catdog.probabilities",
-    "catdog.inference",
-    "catdog.extras",
-    "catdog.predict",
-    "catdog.explain",
-    "catdog.serve",
-)
-RUNTIME_PACKAGES = ("catdog.serve",)  # every module below these is runtime too
-# The top layer: imports without torch, may import the training layer inside functions.
-TOP_MODULES = ("catdog.cli", "catdog.api", "catdog.model_files")
+# The layers, one folder each, from the bottom: a module may import its own layer and those below it, never one
+# above or beside it. The package itself (`catdog/__init__.py`: the version and the API's names) is runtime.
+LAYERS = {
+    "runtime": ("catdog", "catdog.runtime"),  # no torch: predict, explain, the model file, ...
+    "serve": ("catdog.serve",),  # the web service, on the runtime alone
+    "training": ("catdog.training",),  # torch: train, evaluate, export, tune, ...
+    "top": ("catdog.cli", "catdog.api", "catdog.model_files", "catdog.__main__"),
+}
+BELOW = {"runtime": set(), "serve": {"runtime"}, "training": {"runtime"}, "top": {"runtime", "serve", "training"}}
+RUNTIME_LAYERS = ("runtime", "serve")  # what `pip install catdog` runs: never imports a training library
+TOP_MODULES = LAYERS["top"]
 # Packages that only the `train` / `tune` extras install: never imported by a runtime module, at any level.
 TRAINING_LIBRARIES = ("torch", "torchvision", "timm", "sklearn", "scipy", "matplotlib", "optuna", "captum",
                       "safetensors", "onnx", "onnxscript", "cleanlab", "tensorboard", "huggingface_hub", "psycopg")
@@ -73,11 +65,18 @@ def modules_on_disk() -> dict[str, Path]:
     return modules
 
 
+def layer_of(module: str) -> str | None:
+    """The layer whose folder (or listed module) holds `module`: the longest matching prefix wins."""
+    best, length = None, -1
+    for layer, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = layer, len(prefix)
+    return best
+
+
 def runtime_modules() -> list[str]:
-    names = set(RUNTIME_MODULES)
-    for package in RUNTIME_PACKAGES:
-        names |= {name for name in modules_on_disk() if name.startswith(package + ".")}
-    return sorted(names)
+    return sorted(name for name in modules_on_disk() if layer_of(name) in RUNTIME_LAYERS)
 
 
 def is_type_checking(test: ast.expr) -> bool:
@@ -288,9 +287,29 @@ def test_the_circle_finder_finds_circles():
 
 # --- (b) the runtime imports only the runtime ---------------------------------------------------------------------
 
-def test_every_listed_runtime_module_exists():
-    missing = [name for name in (*runtime_modules(), *TOP_MODULES) if name not in modules_on_disk()]
-    assert not missing, f"listed in RUNTIME_MODULES/TOP_MODULES but not under src/catdog: {missing}"
+def test_every_module_is_in_one_layer_and_every_listed_module_exists():
+    assert not [name for name in modules_on_disk() if layer_of(name) is None]
+    missing = [name for name in TOP_MODULES if name not in modules_on_disk()]
+    assert not missing, f"listed in LAYERS['top'] but not under src/catdog: {missing}"
+    assert {"catdog.runtime.predict", "catdog.serve.app"} <= set(runtime_modules())
+    assert layer_of("catdog.training.train") == "training" and layer_of("catdog") == "runtime"
+
+
+def test_imports_run_downward_only():
+    """No import, at any depth (inside functions too), reaches a layer above or beside the importer's."""
+    problems = []
+    for module, edges in import_graph().items():
+        own = layer_of(module)
+        for target, line in edges.items():
+            reached = layer_of(target)
+            if reached != own and reached not in BELOW[own]:
+                problems.append(f"{where(module, line)}: {module} ({own}) imports {target} ({reached})")
+    assert not problems, "imports running up or across a layer:\n  " + "\n  ".join(problems)
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("catdog.runtime.predict") == "runtime" and "training" not in BELOW["runtime"]
+    assert "serve" not in BELOW["training"] and "training" not in BELOW["serve"]
 
 
 def test_runtime_modules_import_no_training_module_and_no_training_library():
@@ -378,7 +397,7 @@ print(json.dumps({{"failures": failures, "loaded": sorted(m for m in sys.modules
 
 
 def test_runtime_and_top_modules_import_without_torch():
-    names = [name for name in (*runtime_modules(), *TOP_MODULES) if name in modules_on_disk()]
+    names = [name for name in (*runtime_modules(), *TOP_MODULES) if name in modules_on_disk() and name != "catdog.__main__"]
     result = run_python(IMPORT_EACH.format(blocked=BLOCKED_IN_SUBPROCESS, names=names))
     assert result.returncode == 0, result.stderr
     failures = json.loads(result.stdout.splitlines()[-1])["failures"]

@@ -10,8 +10,8 @@ import pytest
 from conftest import make_class_folders, make_kaggle_folder
 
 from catdog.cli import main
-from catdog.data import DataError, discover, find_image_files
-from catdog.predict import collect_inputs
+from catdog.runtime.data import DataError, discover, find_image_files
+from catdog.runtime.predict import collect_inputs
 
 
 def link_folder(sources: list[Path], folder: Path) -> Path:
@@ -85,7 +85,7 @@ def test_nothing_left_says_how_many_were_left_out_and_why(tmp_path, monkeypatch,
 
     import catdog.model_files
 
-    monkeypatch.setattr(catdog.model_files, "load_predictor", no_model_needed)
+    monkeypatch.setattr(catdog.model_files, "open_model", no_model_needed)
     assert main(["predict", str(folder), "--no-progress"]) == 1  # the same message, before any model is loaded
     assert "4 left out: 3 broken symbolic link, 1 symbolic link loop" in capsys.readouterr().err
     paths, left_out = collect_inputs([str(folder), str(folder / "cat.0.jpg")])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catdog.runs import RunMeta
-from catdog.predict import Predictor
-from catdog.probabilities import MIRROR_MIN_VALIDATION_IMAGES, choose_mirror_threshold, softmax, threshold_keeping
-from catdog.transforms import Preprocess
+from catdog.runtime.runs import RunMeta
+from catdog.runtime.predict import Predictor
+from catdog.runtime.probabilities import MIRROR_MIN_VALIDATION_IMAGES, choose_mirror_threshold, softmax, threshold_keeping
+from catdog.runtime.transforms import Preprocess
 
 
 def validation_logits(count: int, uncertain: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

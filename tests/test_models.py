@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from catdog.models import (
+from catdog.training.models import (
     IMAGENET_CAT_CLASSES,
     IMAGENET_DOG_CLASSES,
     MODEL_SPECS,
@@ -21,7 +21,7 @@ from catdog.models import (
     get_model_spec,
     load_efficientnet_lite_imagenet,
 )
-from catdog.transforms import eval_transform
+from catdog.runtime.transforms import eval_transform
 
 
 @pytest.mark.parametrize("name", list(MODEL_SPECS))
@@ -57,7 +57,7 @@ def test_lite_weights_classify_real_photos_as_imagenet_cats_and_dogs(name, share
     """The position-based key mapping is right only if ImageNet predictions on real photos are right."""
     model = load_efficientnet_lite_imagenet(name).eval()
     transform = eval_transform(get_model_spec(name).preprocess)
-    from catdog.images import load_image
+    from catdog.runtime.images import load_image
 
     paths = [shared_data / "train" / f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(1001, 1021)]
     batch = torch.from_numpy(np.stack([transform(load_image(p)) for p in paths]))  # the transform gives NumPy arrays
@@ -75,7 +75,7 @@ def test_lite_weights_classify_real_photos_as_imagenet_cats_and_dogs(name, share
 def test_zero_training_model_separates_cats_from_dogs(shared_data):
     model, preprocess = create_zero_training_model()
     transform = eval_transform(preprocess)
-    from catdog.images import load_image
+    from catdog.runtime.images import load_image
 
     paths = [shared_data / "train" / f"{kind}.{i}.jpg" for kind in ("cat", "dog") for i in range(1100, 1140)]
     with torch.inference_mode():
@@ -164,7 +164,7 @@ def test_train_stores_the_timm_preprocessing_in_meta(tmp_path, monkeypatch):
     from timm.data import resolve_model_data_config
 
     from conftest import make_kaggle_folder
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     put_in_hub_cache(tmp_path / "hub", TIMM_TEST_MODEL)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

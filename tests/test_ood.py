@@ -1,5 +1,5 @@
 """The out-of-distribution score's bank: projected to its main subspace, saved, loaded, and computed alike in NumPy
-and in the graph (`catdog.ood`)."""
+and in the graph (`catdog.training.ood`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from catdog.ood import KnnScorer, normalised
+from catdog.training.ood import KnnScorer, normalised
 
 
 def low_rank_features(rows: int, dimensions: int = 640, rank: int = 24, seed: int = 0) -> np.ndarray:

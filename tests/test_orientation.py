@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog.explain import explain_photo
-from catdog.predict import Predictor
-from catdog.probabilities import ORIENTATION_CHECK_BELOW_CONFIDENCE, OrientationCheck, softmax
-from catdog.runs import RunMeta
-from catdog.transforms import Preprocess
+from catdog.runtime.explain import explain_photo
+from catdog.runtime.predict import Predictor
+from catdog.runtime.probabilities import ORIENTATION_CHECK_BELOW_CONFIDENCE, OrientationCheck, softmax
+from catdog.runtime.runs import RunMeta
+from catdog.runtime.transforms import Preprocess
 
 SIZE = 16
 VALIDATION_SCORES = list(np.linspace(0.1, 0.42, 101))  # median 0.26, 95th percentile 0.404
@@ -101,7 +101,7 @@ def test_a_sideways_photo_is_read_turned_back_and_an_upright_one_costs_nothing()
     assert probabilities[:3].argmax(axis=1).tolist() == [1, 0, 1]  # the sideways dog and cat are read wrongly
     checked = predictor()
     before = images.copy()
-    turned_probabilities, turned_scores = checked.predict_batch(images)
+    turned_probabilities, turned_scores = checked.predict_batch(images, check_orientation=True)
     assert np.array_equal(images, before)  # the caller's batch is not turned in place
     # Two more passes for each of the two sideways photos; the upright one and the stranger are not checked.
     assert checked.network.photos == 4 + 2 * 2
@@ -126,7 +126,7 @@ def test_upright_reports_the_turn_it_took():
 def test_a_run_without_validation_scores_is_not_checked():
     older = predictor(validation_scores=[])
     assert not older.checks_orientation
-    older.predict_batch(np.stack([photo_array(True, 1)]))
+    older.predict_batch(np.stack([photo_array(True, 1)]), check_orientation=True)
     assert older.network.photos == 1
 
 
@@ -135,7 +135,7 @@ def test_explain_reads_the_photo_turned_back_and_lays_the_map_on_the_photo_as_it
     upright[: SIZE // 2] = 220
     upright[..., 1] += 30  # a dog
     sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # bright half on the left
-    explanation = explain_photo(predictor(), sideways)
+    explanation = explain_photo(predictor(), sideways, check_orientation=True)
     assert explanation.label == "dog" and explanation.confidence > 0.99
     heatmap = explanation.heatmap
     assert heatmap[:, : SIZE // 2].mean() > heatmap[:, SIZE // 2 :].mean() + 0.5  # over the photo's bright half

@@ -11,10 +11,10 @@ import pytest
 from conftest import colour_image, make_kaggle_folder
 
 from catdog.cli import main
-from catdog.evaluate import EvaluateConfig, evaluate_run, most_confident_mistakes
-from catdog.metrics import classification_metrics
-from catdog.predict import EXIT_SOME_FILES_FAILED, kaggle_id
-from catdog.train import TrainConfig, train
+from catdog.training.evaluate import EvaluateConfig, evaluate_run, most_confident_mistakes
+from catdog.training.metrics import classification_metrics
+from catdog.runtime.predict import EXIT_SOME_FILES_FAILED, kaggle_id
+from catdog.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +127,10 @@ def test_without_the_train_extra_predict_runs_an_exported_file_only(trained_run,
                                                                      capsys):
     """`pip install catdog` alone (simulated: the train extra's packages reported missing): `catdog train` and a
     run without a current model.onnx stop with one line naming catdog[train]; an exported file predicts."""
-    import catdog.extras
+    import catdog.runtime.extras
 
-    installed = catdog.extras.missing_packages
-    monkeypatch.setattr(catdog.extras, "missing_packages",
+    installed = catdog.runtime.extras.missing_packages
+    monkeypatch.setattr(catdog.runtime.extras, "missing_packages",
                         lambda extra: ["torch", "timm"] if extra == "train" else installed(extra))
     run, data = trained_run
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
@@ -175,9 +175,9 @@ def test_evaluating_a_head_run_reads_the_features_training_cached(tmp_path, monk
     def backbone_must_not_run(*arguments, **options):
         raise AssertionError("the backbone ran although training cached the features of every validation photo")
 
-    import catdog.features
+    import catdog.training.features
 
-    monkeypatch.setattr(catdog.features, "make_backbone_runner", backbone_must_not_run)
+    monkeypatch.setattr(catdog.training.features, "make_backbone_runner", backbone_must_not_run)
     cached = evaluate_run(EvaluateConfig(run=str(run), out=str(tmp_path / "cached"), cache_dir=str(cache)), log=lambda _: None)
     assert cached["count"] == whole["count"] == 4 and cached["accuracy"] == whole["accuracy"]
     by_path = {row["path"]: row for row in read_csv(tmp_path / "whole" / "predictions.csv")}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import colour_image, make_kaggle_folder
 
-from catdog.predict import PRINT_EACH_FILE_UP_TO
-from catdog.train import TrainConfig, train
+from catdog.runtime.predict import PRINT_EACH_FILE_UP_TO
+from catdog.training.train import TrainConfig, train
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 

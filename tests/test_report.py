@@ -12,7 +12,7 @@ import pytest
 from conftest import make_kaggle_folder
 
 from catdog.cli import main
-from catdog.report import SECTIONS, most_confused_pairs, wilson_interval
+from catdog.training.report import SECTIONS, most_confused_pairs, wilson_interval
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -35,7 +35,7 @@ def test_most_confused_pairs_are_sorted_off_diagonal_cells():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """A small run with mistakes, a label_issues.csv from `catdog data issues`, and its report."""
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("report")
     data = make_kaggle_folder(root / "train", per_class=14)
@@ -109,7 +109,7 @@ def test_report_in_chromium_shows_every_section(report):
 def test_resampled_metrics_equal_scikit_learn():
     from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
-    from catdog.report import bootstrap_interval, resampled_metrics
+    from catdog.training.report import bootstrap_interval, resampled_metrics
 
     generator = np.random.default_rng(3)
     for classes in (2, 3):

@@ -18,10 +18,10 @@ from conftest import colour_image
 from PIL import Image
 from test_images import png_claiming
 
-from catdog.audit import AuditConfig, audit
+from catdog.training.audit import AuditConfig, audit
 from catdog.cli import main
-from catdog.images import ImageLoadError, load_image
-from catdog.predict import EXIT_SOME_FILES_FAILED
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.runtime.predict import EXIT_SOME_FILES_FAILED
 
 BAD = {
     "zero-byte.jpg": "empty file",
@@ -151,7 +151,7 @@ def test_train_reuses_a_current_audit(tmp_path):
     (data / "cat.100.jpg").write_text("not a jpeg")
     audit(AuditConfig(data=str(data), out=str(tmp_path / "a")), log=lambda _: None)
     messages = []
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     train(TrainConfig(data=str(data), out=str(tmp_path / "run"), model="simple_cnn", strategy="finetune", epochs=1,
                       batch_size=8, image_size=32, num_workers=0, progress=False), log=messages.append)
@@ -169,9 +169,9 @@ def train_command(data: Path, out: Path, epochs: int, resume: bool = False) -> l
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     from conftest import make_kaggle_folder
 
-    from catdog.checkpoint import load_model, load_training_state
+    from catdog.training.checkpoint import load_model, load_training_state
 
-    from catdog.runs import LAST_CHECKPOINT_FILE
+    from catdog.runtime.runs import LAST_CHECKPOINT_FILE
 
     data = make_kaggle_folder(tmp_path / "train", per_class=24, size=(96, 72))
     epochs = 6

@@ -123,7 +123,7 @@ def runtime(work) -> Runtime:
 @pytest.fixture(scope="module")
 def model_file(work) -> Path:
     """model.onnx exported by the full install (this environment) from a tiny run trained here."""
-    from catdog.train import TrainConfig, train
+    from catdog.training.train import TrainConfig, train
 
     data = make_kaggle_folder(work / "train", per_class=8)
     run = work / "run"

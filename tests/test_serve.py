@@ -10,7 +10,7 @@ from conftest import colour_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from catdog.predict import load_model_file
+from catdog.runtime.model_file import load_model_file
 from catdog.serve.app import ServeConfig, create_app
 
 
@@ -176,11 +176,22 @@ def test_not_ready_answers_503(model_file):
 
 
 def test_zero_training_model_is_labelled(shared_data):
-    from catdog.export import exported_model_file
+    from catdog.training.export import builtin_model_file
 
-    app = create_app(ServeConfig(model=str(exported_model_file(None))))  # the built-in model, exported once
+    app = create_app(ServeConfig(model=str(builtin_model_file())))  # the built-in model, exported once
     with TestClient(app) as client:
         assert client.get("/ready").json()["zero_training"] is True
         photo = (shared_data / "train" / "dog.1001.jpg").read_bytes()
         answer = client.post("/predict", files={"file": ("dog.jpg", photo, "image/jpeg")}).json()
         assert answer["zero_training"] is True and answer["label"] == "dog"
+
+
+def test_a_batch_over_the_file_limit_is_refused_as_the_schema_says(model_file):
+    app = create_app(ServeConfig(model=str(model_file), max_batch_files=2))
+    batch = app.openapi()["paths"]["/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert batch["schema"]["properties"]["files"]["maxItems"] == 2
+    with TestClient(app) as client:
+        photos = [("files", (f"{i}.jpg", jpeg(i % 2), "image/jpeg")) for i in range(3)]
+        answer = client.post("/predict/batch", files=photos)
+        assert answer.status_code == 422 and answer.json()["error"] == "too many files", answer.text
+        assert client.post("/predict/batch", files=photos[:2]).status_code == 200

@@ -22,7 +22,8 @@ from PIL import Image
 from test_browser import free_port
 
 import catdog
-from catdog.predict import load_model_file, weights_digest
+from catdog.runtime.model_file import load_model_file
+from catdog.runtime.runs import weights_digest
 
 
 def multipart_files(count: int) -> tuple[bytes, str]:

@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import make_kaggle_folder
 
-from catdog.checkpoint import load_model, load_training_state
+from catdog.training.checkpoint import load_model, load_training_state
 
-from catdog.ood import OOD_FILE, fit_out_of_distribution
-from catdog.runs import LAST_CHECKPOINT_FILE
-from catdog.train import TrainConfig, train
-from catdog.training.config import resolve_preprocess, resolve_strategy, strategy_defaults
+from catdog.training.ood import OOD_FILE, fit_out_of_distribution
+from catdog.runtime.runs import LAST_CHECKPOINT_FILE
+from catdog.training.train import TrainConfig, train
+from catdog.training.strategy import resolve_preprocess, resolve_strategy, strategy_defaults
 from catdog.training.loop import build_scheduler
-from catdog.transforms import DENOISE_ABOVE
+from catdog.runtime.transforms import DENOISE_ABOVE
 
 
 def quiet(_message: str) -> None:
@@ -66,7 +66,7 @@ def test_head_strategy_on_cached_features(tmp_path):
     assert meta.model_name == "efficientnet_lite0"
     # Validated with mirror-image averaging, so prediction averages the same way unless told otherwise.
     assert meta.tta is True
-    from catdog.backends import load_run_predictor, load_torch_predictor
+    from catdog.training.backends import load_run_predictor, load_torch_predictor
 
     images = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
     torch_predictor = load_torch_predictor(str(tmp_path / "run"), "cpu")
@@ -82,7 +82,7 @@ def test_head_strategy_on_cached_features(tmp_path):
 def test_time_budget_cuts_feature_extraction_and_a_rerun_continues_from_the_cache(tmp_path):
     data = make_kaggle_folder(tmp_path / "train", per_class=40)
     common = dict(data=str(data), model="efficientnet_lite0", strategy="head", epochs=3, num_workers=0, progress=False,
-                  image_size=64, cache_dir=str(tmp_path / "cache"))
+                  image_size=64, cache_dir=str(tmp_path / "cache"), feature_batch_size=64)
     messages = []
     # 0.1 min = 6 s: extraction must stop at least 10 s before the end, so that moment has passed at once and only
     # the first batch (64 of the 80 photos, in a seeded random order) is computed; the head trains on those.

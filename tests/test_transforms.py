@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog.transforms import DENOISE_ABOVE, Preprocess, eval_transform, median_filtered, noise_level
+from catdog.runtime.transforms import DENOISE_ABOVE, Preprocess, eval_transform, median_filtered, noise_level
 
-from catdog.augmentation import train_transform
+from catdog.training.augmentation import train_transform
 
 
 def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:

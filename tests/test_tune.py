@@ -10,9 +10,9 @@ import time
 import pytest
 from conftest import make_kaggle_folder
 
-from catdog.config import config_from_arguments
-from catdog.train import TrainConfig
-from catdog.tune import TuneConfig, open_study, run_tuning, sqlalchemy_url
+from catdog.runtime.options import config_from_arguments
+from catdog.training.train import TrainConfig
+from catdog.training.tune import TuneConfig, open_study, run_tuning, sqlalchemy_url
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +105,7 @@ def test_unreachable_storage_is_a_clear_error(tmp_path, capsys):
 
 
 def test_unfreeze_trains_the_last_fraction_of_the_backbone():
-    from catdog.models import create_model
+    from catdog.training.models import create_model
     from catdog.training.finetune import unfreeze_backbone
 
     model = create_model("simple_cnn", 2)
@@ -122,7 +122,7 @@ def test_unfreeze_trains_the_last_fraction_of_the_backbone():
 
 def test_augmentation_strength_runs_from_none_to_the_tutorials_recipe():
     from catdog.training.finetune import augmentation_of_strength
-    from catdog.augmentation import Augmentation
+    from catdog.training.augmentation import Augmentation
 
     assert augmentation_of_strength(1.0) == Augmentation()
     none = augmentation_of_strength(0.0)
@@ -131,7 +131,7 @@ def test_augmentation_strength_runs_from_none_to_the_tutorials_recipe():
 
 @pytest.mark.slow
 def test_finetune_tuning_searches_unfreeze_augmentation_and_size_and_its_config_trains(tmp_path):
-    from catdog.train import train
+    from catdog.training.train import train
 
     data = make_kaggle_folder(tmp_path / "train", per_class=8)
     summary = run_tuning(TuneConfig(data=str(data), out=str(tmp_path / "tune"), strategy="finetune", model="simple_cnn",

@@ -74,7 +74,7 @@ def postgres_url():
 def test_two_workers_share_one_study_in_postgresql(tmp_path, postgres_url):
     import optuna
 
-    from catdog.tune import TuneConfig, run_tuning
+    from catdog.training.tune import TuneConfig, run_tuning
 
     data = make_kaggle_folder(tmp_path / "train", per_class=8)
     # Fill the feature cache first (the workers inherit it through CATDOG_CACHE), so the workers' time goes to trials.

@@ -37,7 +37,7 @@ def test_walkthrough_runs_headless(shared_data, tmp_path, monkeypatch):
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
-    # Every plotting cell showed its figure, also those after catdog.evaluate drew its own (headless) plots.
+    # Every plotting cell showed its figure, also those after catdog.training.evaluate drew its own (headless) plots.
     plotting_cells = [cell for cell in notebook.cells if cell.cell_type == "code" and "plt.show()" in cell.source]
     for cell in plotting_cells:
         assert any("image/png" in output.get("data", {}) for output in cell.outputs), cell.source[:80]

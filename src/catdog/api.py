@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 if TYPE_CHECKING:
     from PIL import Image
 
-    from catdog.runs import RunMeta
-    from catdog.explain import Explanation
-    from catdog.predict import Predictor
+    from catdog.runtime.runs import RunMeta
+    from catdog.runtime.explain import Explanation
+    from catdog.runtime.predict import Predictor
 
 Log = Union[Callable[[str], None], None]
 
@@ -71,7 +71,7 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
         """The run in `path`; `RunError` if it is not a catdog run directory."""
-        from catdog.runs import check_not_pickle, read_meta
+        from catdog.runtime.runs import check_not_pickle, read_meta
 
         check_not_pickle(path)
         path = Path(path)
@@ -116,8 +116,8 @@ def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str
     log: called with each progress message; None for silence.
     options: any other `catdog train` option, e.g. `epochs=10`, `strategy="finetune"`, `progress=False`.
     """
-    from catdog.train import TrainConfig
-    from catdog.train import train as train_command
+    from catdog.training.train import TrainConfig
+    from catdog.training.train import train as train_command
 
     if run_dir is not None:
         if "out" in options:
@@ -135,7 +135,7 @@ def evaluate(run: RunLike, data: str | os.PathLike | None = None, *, log: Log = 
     options: any other `catdog evaluate` option, e.g. `out="folder"` (default: <run>/evaluation, which also holds
     confusion_matrix.png, roc.png, mistakes.png and predictions.csv), `tta=False`.
     """
-    from catdog.evaluate import EvaluateConfig, evaluate_run
+    from catdog.training.evaluate import EvaluateConfig, evaluate_run
 
     values = {"run": str(_run_path(run)), "data": str(data) if data else "", **options}
     return evaluate_run(_config(EvaluateConfig, "evaluate", values), log=log or _quiet)
@@ -144,10 +144,10 @@ def evaluate(run: RunLike, data: str | os.PathLike | None = None, *, log: Log = 
 def tune(data: str | os.PathLike, *, log: Log = print, **options: Any) -> dict[str, Any]:
     """Search hyper-parameters with Optuna, as `catdog tune` does; return the study's summary.
 
-    The summary's `best_params` are `catdog.train` options: `catdog.train(data, **study["best_params"])`.
+    The summary's `best_params` are `catdog.training.train` options: `catdog.train(data, **study["best_params"])`.
     options: any other `catdog tune` option, e.g. `preset="fast"`, `trials=10`, `out="runs/tune"`.
     """
-    from catdog.tune import TuneConfig, run_tuning
+    from catdog.training.tune import TuneConfig, run_tuning
 
     return run_tuning(_config(TuneConfig, "tune", {"data": str(data), **options}), log=log or _quiet)
 
@@ -175,7 +175,7 @@ ImageInput = Union[str, os.PathLike, "Image.Image"]
 class Model:
     """A trained run's model (or the built-in one) ready to classify photos; made by `catdog.load`.
 
-    The `predictor` attribute is the `catdog.predict.Predictor` that `catdog predict` and `catdog serve` use, so
+    The `predictor` attribute is the `catdog.runtime.predict.Predictor` that `catdog predict` and `catdog serve` use, so
     `catdog.serve.app.create_app(ServeConfig(), predictor=model.predictor)` serves the same model.
     """
 
@@ -191,8 +191,8 @@ class Model:
         where = f" from {self.run.path}" if self.run else ""
         return f"Model({self.predictor.describe()}{where})"
 
-    def predict(self, inputs: ImageInput | Iterable[ImageInput], *, tta: bool | None = None, batch_size: int = 64,
-                skip_unreadable: bool = False, check_orientation: bool = True) -> list[Prediction]:
+    def predict(self, inputs: ImageInput | Iterable[ImageInput], *, tta: bool | None = None, batch_size: int = 0,
+                skip_unreadable: bool = False, check_orientation: bool = False) -> list[Prediction]:
         """Classify images: a path to a file or a folder (searched recursively), a PIL image, or a list of those.
 
         Returns one `Prediction` per image, in input order (a folder's images in file-name order; its hidden files
@@ -200,14 +200,15 @@ class Model:
         `ImageLoadError` naming every such file, unless `skip_unreadable=True`, which leaves them out with a warning;
         a folder without images raises `DataError`. tta: average each image with its mirror image; None: as the run
         was validated. check_orientation: read an image that looks turned a quarter the way up the network reads
-        best (`Predictor.upright`), as `catdog predict` does.
+        best (`Predictor.upright`), as `catdog predict --check-orientation` does; off by default (it made an upright
+        original-size photo confidently wrong; see the README).
         """
         import numpy as np
         from PIL import Image
 
-        from catdog.data import DataError, describe_left_out
-        from catdog.images import ImageLoadError, to_rgb
-        from catdog.predict import QUIET_REASONS, collect_inputs
+        from catdog.runtime.data import DataError, describe_left_out
+        from catdog.runtime.images import ImageLoadError, to_rgb
+        from catdog.runtime.predict import QUIET_REASONS, collect_inputs
 
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
         files: list[Path] = []
@@ -247,8 +248,9 @@ class Model:
             listing = "; ".join(f"{path}: {reason}" for path, reason in problems)
             warnings.warn(f"skipped {len(problems)} unusable input(s): {listing}", stacklevel=2)
         by_picture = []
-        for start in range(0, len(pictures), batch_size):
-            batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + batch_size]])
+        picture_batch = batch_size or self.predictor.batch_size(len(pictures)).batch_size
+        for start in range(0, len(pictures), picture_batch):
+            batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + picture_batch]])
             probabilities, scores = self.predictor.predict_batch(batch, tta, check_orientation)
             by_picture.extend(zip(probabilities, scores if scores is not None else [None] * len(probabilities)))
 
@@ -268,14 +270,14 @@ class Model:
         return predictions
 
     def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None,
-                check_orientation: bool = True) -> "Explanation":
+                check_orientation: bool = False) -> "Explanation":
         """Grad-CAM for one image (a path or a PIL image), as `catdog explain` computes it: an `Explanation` with
         `label`, `confidence`, `probabilities`, `heatmap` (over the photo) and `overlay()` (the photo with the
         heatmap over it, a PIL image). target: the class to explain; None: the predicted class."""
         from PIL import Image
 
-        from catdog.explain import explain_photo
-        from catdog.images import load_image, to_rgb
+        from catdog.runtime.explain import explain_photo
+        from catdog.runtime.images import load_image, to_rgb
 
         if target is not None and target not in self.class_names:
             raise ValueError(f"unknown class {target!r}; this model's classes: {', '.join(self.class_names)}")
@@ -295,11 +297,11 @@ def load(run: RunLike | None = None, *, model: str | os.PathLike | None = None, 
     run (its model.onnx, or exported on first use with catdog[train]), or with neither the built-in zero-training
     cat/dog model. backend: "auto" (ONNX Runtime; PyTorch on a CUDA machine with catdog[train]), "torch" or
     "onnxruntime"."""
-    from catdog.model_files import load_predictor
+    from catdog.model_files import open_model
 
     if run is None:
-        return Model(load_predictor(str(model or ""), "", backend, device), None)
+        return Model(open_model(str(model or ""), "", backend, device), None)
     if model is not None:
         raise ValueError("give a run or model=, not both")
     opened = run if isinstance(run, Run) else Run.open(run)
-    return Model(load_predictor("", str(opened.path), backend, device), opened)
+    return Model(open_model("", str(opened.path), backend, device), opened)

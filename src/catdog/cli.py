@@ -10,150 +10,160 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from catdog.config import add_config_arguments, config_from_arguments
-from catdog.extras import MissingExtra, installed, require_extra
+from catdog.runtime.options import add_config_arguments, config_from_arguments
+from catdog.runtime.extras import MissingExtra, installed, require_extra
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _command_train(arguments) -> int:
-    from catdog.train import TrainConfig, train
+# Each handler gets its command's validated config and returns the exit code. It imports the command's
+# implementation only now: building the parser (and --help) imports the config classes alone.
 
-    config = config_from_arguments(TrainConfig, arguments, arguments.config)
+def _command_train(config) -> int:
+    from catdog.training.train import train
+
     train(config)
     return 0
 
 
-def _command_evaluate(arguments) -> int:
-    from catdog.evaluate import EvaluateConfig, evaluate_run
+def _command_evaluate(config) -> int:
+    from catdog.training.evaluate import evaluate_run
 
-    evaluate_run(config_from_arguments(EvaluateConfig, arguments, arguments.config))
+    evaluate_run(config)
     return 0
 
 
-def _command_predict(arguments) -> int:
-    from catdog.model_files import load_predictor
-    from catdog.predict import PredictConfig, collect_or_fail, launched_processes, run_predict
-    from catdog.runs import check_not_pickle
+def _command_predict(config) -> int:
+    from catdog.model_files import open_model
+    from catdog.runtime.predict import collect_or_fail, launched_processes, run_predict
+    from catdog.runtime.runs import check_not_pickle
 
-    config = config_from_arguments(PredictConfig, arguments, arguments.config)
     check_not_pickle(config.model or config.run)  # the more fundamental mistake is named first
     collect_or_fail(config.paths)  # nothing to predict: say so before loading (or exporting) a model
-    if launched_processes() > 1:  # under torchrun: the ranks share the files (torch.distributed)
-        require_extra("train", what="predicting under torchrun")
-        from catdog.backends import run_predict_across_ranks  # the training layer, installed (checked above)
+    if launched_processes() == 1:
+        return run_predict(config, open_model(config.model, config.run, config.backend, config.device,
+                                              config.cache_dir or None, ood_keep=config.ood_keep))
+    # Under torchrun the ranks share the files (torch.distributed); each runs the model on its own device.
+    require_extra("train", what="predicting under torchrun")
+    from catdog.training.backends import join_ranks, run_predict_across_ranks  # the training layer, installed (checked above)
+    from catdog.training.distributed import main_process_first
 
-        return run_predict_across_ranks(config)
-    predictor = load_predictor(config.model, config.run, config.backend, config.device, config.cache_dir or None,
+    device = join_ranks(config.device)
+    with main_process_first():  # rank 0 exports the model file once; the others then find it in the cache
+        predictor = open_model(config.model, config.run, config.backend, device, config.cache_dir or None,
                                ood_keep=config.ood_keep)
-    return run_predict(config, predictor)
+    return run_predict_across_ranks(config, predictor)
 
 
-def _command_inspect(arguments) -> int:
-    from catdog.inspect_data import InspectConfig, inspect_data
+def _command_inspect(config) -> int:
+    from catdog.training.inspect_data import inspect_data
 
-    inspect_data(config_from_arguments(InspectConfig, arguments, arguments.config))
+    inspect_data(config)
     return 0
 
 
-def _command_audit(arguments) -> int:
-    from catdog.audit import AuditConfig, run_audit
+def _command_audit(config) -> int:
+    from catdog.training.audit import run_audit
 
-    return run_audit(config_from_arguments(AuditConfig, arguments, arguments.config))
-
-
-def _command_issues(arguments) -> int:
-    from catdog.label_issues import LabelIssuesConfig, run_label_issues
-
-    return run_label_issues(config_from_arguments(LabelIssuesConfig, arguments, arguments.config))
+    return run_audit(config)
 
 
-def _command_export(arguments) -> int:
-    from catdog.export import ExportConfig, run_export
+def _command_issues(config) -> int:
+    from catdog.training.label_issues import run_label_issues
 
-    run_export(config_from_arguments(ExportConfig, arguments, arguments.config))
+    return run_label_issues(config)
+
+
+def _command_export(config) -> int:
+    from catdog.training.export import run_export
+
+    run_export(config)
     return 0
 
 
-def _command_serve(arguments) -> int:
-    from catdog.model_files import model_file_for
-    from catdog.serve.app import ServeConfig, run_server
+def _command_serve(config) -> int:
+    from catdog.model_files import open_model
+    from catdog.serve.app import run_server
 
-    config = config_from_arguments(ServeConfig, arguments, arguments.config)
     # The server (and each of its --workers) runs one exported file: a run or the built-in model is exported first.
-    config.model, config.run = str(model_file_for(config.model, config.run, config.cache_dir or None)), ""
-    run_server(config)
+    predictor = open_model(config.model, config.run, "onnxruntime", config.device, config.cache_dir or None,
+                           config.inference_threads, config.ood_keep)
+    config.model, config.run = predictor.source, ""
+    run_server(config, predictor)
     return 0
 
 
-def _command_tune(arguments) -> int:
-    from catdog.tune import TuneConfig, run_tuning
+def _command_tune(config) -> int:
+    from catdog.training.tune import run_tuning
 
-    run_tuning(config_from_arguments(TuneConfig, arguments, arguments.config))
+    run_tuning(config)
     return 0
 
 
-def _command_explain(arguments) -> int:
-    from catdog.explain import ExplainConfig, run_explain
-    from catdog.model_files import load_predictor
-    from catdog.predict import collect_or_fail
+def _command_explain(config) -> int:
+    from catdog.model_files import open_model
+    from catdog.runtime.explain import run_explain
+    from catdog.runtime.predict import collect_or_fail
 
-    config = config_from_arguments(ExplainConfig, arguments, arguments.config)
     collect_or_fail(config.paths)  # nothing to explain: say so before loading (or exporting) a model
-    return run_explain(config, load_predictor(config.model, config.run, "onnxruntime", "cpu", config.cache_dir or None))
+    return run_explain(config, open_model(config.model, config.run, "onnxruntime", "cpu", config.cache_dir or None))
 
 
-def _command_report(arguments) -> int:
-    from catdog.report import ReportConfig, build_report
+def _command_report(config) -> int:
+    from catdog.training.report import build_report
 
-    build_report(config_from_arguments(ReportConfig, arguments, arguments.config))
+    build_report(config)
     return 0
 
 
-def _command_models(arguments) -> int:
-    from catdog.models import model_listing
+def _command_models(config) -> int:
+    from catdog.training.models import model_listing
 
     print(model_listing())
     return 0
 
 
-def _config_class(module: str, name: str):
+def _config_class(config_path: str):
     import importlib
 
+    module, name = config_path.split(":")
     return getattr(importlib.import_module(module), name)
 
 
 TRAIN, TUNE = ("train",), ("train", "tune")
 COMMANDS: dict[str, tuple[str, str | None, Callable, tuple[str, ...], tuple[str, ...]]] = {
     # name: (help, "module:ConfigClass", handler, positional fields, extras it needs beyond the runtime)
-    "train": ("train a classifier", "catdog.train:TrainConfig", _command_train, (), TRAIN),
-    "evaluate": ("metrics and plots for a trained run", "catdog.evaluate:EvaluateConfig", _command_evaluate, (), TRAIN),
-    "predict": ("classify image files or folders into a CSV", "catdog.predict:PredictConfig", _command_predict, ("paths",), ()),
-    "export": ("export a run (or --builtin) to one deployable ONNX file", "catdog.export:ExportConfig", _command_export, (), TRAIN),
-    "serve": ("web service and page for an exported model", "catdog.serve.app:ServeConfig", _command_serve, (), ()),
-    "tune": ("hyper-parameter search with Optuna", "catdog.tune:TuneConfig", _command_tune, (), TUNE),
-    "explain": ("Grad-CAM: the photo with the predicted class's heatmap over it", "catdog.explain:ExplainConfig", _command_explain, ("paths",), ()),
-    "report": ("one self-contained HTML report of a run", "catdog.report:ReportConfig", _command_report, (), TRAIN),
+    "train": ("train a classifier", "catdog.training.config:TrainConfig", _command_train, (), TRAIN),
+    "evaluate": ("metrics and plots for a trained run", "catdog.training.config:EvaluateConfig", _command_evaluate, (), TRAIN),
+    "predict": ("classify image files or folders into a CSV", "catdog.runtime.config:PredictConfig", _command_predict, ("paths",), ()),
+    "export": ("export a run (or --builtin) to one deployable ONNX file", "catdog.training.config:ExportConfig", _command_export, (), TRAIN),
+    "serve": ("web service and page for an exported model", "catdog.serve.config:ServeConfig", _command_serve, (), ()),
+    "tune": ("hyper-parameter search with Optuna", "catdog.training.config:TuneConfig", _command_tune, (), TUNE),
+    "explain": ("Grad-CAM: the photo with the predicted class's heatmap over it", "catdog.runtime.config:ExplainConfig", _command_explain, ("paths",), ()),
+    "report": ("one self-contained HTML report of a run", "catdog.training.config:ReportConfig", _command_report, (), TRAIN),
     "models": ("list the available models", None, _command_models, (), TRAIN),
 }
 DATA_COMMANDS = {
-    "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.inspect_data:InspectConfig", _command_inspect, ("data",), TRAIN),
-    "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.audit:AuditConfig", _command_audit, ("data",), TRAIN),
-    "issues": ("likely label errors: photos whose label out-of-fold heads least believe", "catdog.label_issues:LabelIssuesConfig", _command_issues, ("data",), TRAIN),
+    "inspect": ("class counts, sizes, unreadable files, a sample grid", "catdog.training.config:InspectConfig", _command_inspect, ("data",), TRAIN),
+    "audit": ("decode every file: corrupt, odd modes, duplicates", "catdog.training.config:AuditConfig", _command_audit, ("data",), TRAIN),
+    "issues": ("likely label errors: photos whose label out-of-fold heads least believe", "catdog.training.config:LabelIssuesConfig", _command_issues, ("data",), TRAIN),
 }
 
 
+ALL_COMMANDS = "*"  # `wanted` for a parser with every command's options (tests, documentation)
+
+
 def _add_commands(subparsers, commands, wanted: str | None) -> None:
-    """One sub-command per entry; its options (which import its module) only for `wanted` (None: all of them
-    whose extras are installed; the others say which extra they need)."""
+    """One sub-command per entry; its options (from its config class) only for `wanted` (ALL_COMMANDS: every
+    command whose extras are installed; None: none, as for `catdog --help`, which lists the commands alone)."""
     for name, (help_text, config_path, handler, positional, extras) in commands.items():
         available = all(installed(extra) for extra in extras)
         shown = help_text if available else f"{help_text} (needs catdog[{','.join(extras)}])"
         parser = subparsers.add_parser(name, help=shown, description=shown)
-        parser.set_defaults(handler=handler)
-        if config_path and wanted in (None, name) and available:
-            config_class = _config_class(*config_path.split(":"))
+        parser.set_defaults(handler=handler, config_path=config_path)
+        if config_path and wanted in (ALL_COMMANDS, name) and available:
+            config_class = _config_class(config_path)
             parser.add_argument("--config", help="YAML or JSON file of options (command-line options win)")
             add_config_arguments(parser, config_class, positional)
 
@@ -169,23 +179,23 @@ def _requested_command(argv: Sequence[str]) -> list[str]:
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The parser. Given `argv`, only the invoked command's options are built: each command's options come from its
-    config class, and importing every command's module would import training, tuning and serving code (torch,
-    Optuna, FastAPI) for every command; `catdog predict` on ONNX Runtime needs none of them."""
+    """The parser. Given `argv`, only the invoked command's options are built (none for `catdog --help`): they come
+    from its config class, which imports no implementation, torch, Optuna or FastAPI. Without `argv`, every
+    command's options."""
     words = _requested_command(argv) if argv is not None else []
-    wanted = words[0] if words else None
+    wanted = words[0] if words else (None if argv is not None else ALL_COMMANDS)
     parser = argparse.ArgumentParser(prog="catdog", description="Train, evaluate, export and serve image classifiers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_commands(subparsers, COMMANDS, wanted)
     data_parser = subparsers.add_parser("data", help="look at a data set")
     data_subparsers = data_parser.add_subparsers(dest="data_command", required=True)
-    _add_commands(data_subparsers, DATA_COMMANDS, words[1] if wanted == "data" and len(words) > 1 else None)
+    data_wanted = words[1] if wanted == "data" and len(words) > 1 else ALL_COMMANDS if wanted == ALL_COMMANDS else None
+    _add_commands(data_subparsers, DATA_COMMANDS, data_wanted)
     return parser
 
 
 def _require_the_command_extras(argv: Sequence[str]) -> None:
-    """MissingExtra when the invoked command needs an extra that is not installed (before its options, which come
-    from its module, are built)."""
+    """MissingExtra when the invoked command needs an extra that is not installed (before its options are built)."""
     words = _requested_command(argv)
     entry = COMMANDS.get(words[0]) if words else None
     if words[:1] == ["data"]:
@@ -197,12 +207,12 @@ def _require_the_command_extras(argv: Sequence[str]) -> None:
 def _failure_types() -> tuple[type[BaseException], ...]:
     """The errors that mean "the job failed" (exit 1): the runtime's, and those of training-layer modules the
     command has imported (never imported here: they need torch and Optuna, which a runtime install lacks)."""
-    from catdog.data import DataError
-    from catdog.images import ImageLoadError
-    from catdog.runs import RunError
+    from catdog.runtime.data import DataError
+    from catdog.runtime.images import ImageLoadError
+    from catdog.runtime.runs import RunError
 
     failures: list[type[BaseException]] = [DataError, RunError, ImageLoadError, FileNotFoundError]
-    for module, name in (("catdog.models", "PretrainedWeightsUnavailable"), ("catdog.tune", "StudyStorageError")):
+    for module, name in (("catdog.training.models", "PretrainedWeightsUnavailable"), ("catdog.training.tune", "StudyStorageError")):
         if module in sys.modules:
             failures.append(getattr(sys.modules[module], name))
     return tuple(failures)
@@ -218,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _require_the_command_extras(argv)
         arguments = build_parser(argv).parse_args(argv)
-        return arguments.handler(arguments)
+        if arguments.config_path is None:  # `catdog models`
+            return arguments.handler(None)
+        config = config_from_arguments(_config_class(arguments.config_path), arguments, arguments.config)
+        return arguments.handler(config)
     except MissingExtra as error:  # one line naming the extra, no traceback
         print(f"catdog: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -234,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         raise
     finally:
-        distributed = sys.modules.get("catdog.distributed")
+        distributed = sys.modules.get("catdog.training.distributed")
         if distributed is not None:  # imported only by a command that may have joined torchrun's process group
             distributed.shutdown()  # leave it (torch warns at exit when a process never did)
 

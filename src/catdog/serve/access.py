@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 
+from catdog.serve.config import API_KEY_ENVIRONMENT_VARIABLE
 from catdog.serve.schemas import UNAUTHORIZED_RESPONSE, ErrorBody
 
 logger = logging.getLogger("catdog.serve.access")
@@ -25,7 +26,6 @@ logger = logging.getLogger("catdog.serve.access")
 OPEN_PATHS = frozenset({"/health", "/ready", "/"})
 REQUEST_ID_HEADER = "x-request-id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-API_KEY_ENVIRONMENT_VARIABLE = "CATDOG_API_KEY"
 BEARER_SCHEME_NAME = "apiKey"
 
 

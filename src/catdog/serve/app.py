@@ -24,11 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import numpy as np
 
 import catdog
-from catdog.config import option
-from catdog.images import DEFAULT_MAX_PIXELS
-from catdog.predict import Predictor, load_model_file
+from catdog.serve.config import API_KEY_ENVIRONMENT_VARIABLE, ServeConfig
+from catdog.runtime.model_file import load_model_file
+from catdog.runtime.predict import Predictor
 from catdog.serve import routes_explain, routes_health, routes_predict
-from catdog.serve.access import API_KEY_ENVIRONMENT_VARIABLE, AccessMiddleware, document_api_key, is_loopback
+from catdog.serve.access import AccessMiddleware, document_api_key, is_loopback
 from catdog.serve.batching import MicroBatcher
 from catdog.serve.observability import ServiceMetrics
 from catdog.serve.schemas import error_response
@@ -36,60 +36,6 @@ from catdog.serve.schemas import error_response
 logger = logging.getLogger("catdog.serve")
 # `--workers N` starts N processes that each build the app from this variable (the config as JSON).
 CONFIG_ENVIRONMENT_VARIABLE = "CATDOG_SERVE_CONFIG"
-
-
-@dataclass
-class ServeConfig:
-    model: str = option("", "exported model file (model.onnx from `catdog export`): all that serving needs", metavar="FILE")
-    run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither --model nor --run: the built-in zero-training cat/dog model")
-    cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
-    port: int = option(8000, "port")
-    device: str = option("auto", "ONNX Runtime's device: auto (CUDA when this ONNX Runtime has it, else the CPU), cpu or cuda")
-    max_batch_size: int = option(16, "most images in one inference batch")
-    max_wait_ms: float = option(10.0, "longest wait for more images before running a batch")
-    max_queue: int = option(128, "images waiting for inference before new requests get 503")
-    max_upload_mb: float = option(10.0, "largest accepted upload per image, in MB (larger: 413)")
-    max_batch_files: int = option(32, "most files in one /predict/batch request")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (larger: 413)")
-    decode_threads: int = option(2, "threads decoding uploads")
-    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
-    check_orientation: bool = option(True, "read a photo that looks turned a quarter (no EXIF) the way up the network reads best; checks about 2% of ordinary photos (runs trained by catdog >= 0.5)")
-    ood_keep: float | None = option(None, "say \"neither\" above the out-of-distribution score that keeps this share of the run's validation photos; default: the run's threshold (99%)")
-    workers: int = option(1, "server processes on the one port, each with its own model (uvicorn's workers); "
-                             "on a bigger machine: cores / threads per worker")
-    threads: int = option(0, "inference threads per worker; 0: all cores with one worker, else the cores shared out")
-    api_key: str = option("", f"require 'Authorization: Bearer <key>' on every endpoint but /health, /ready and "
-                              f"the page; default: ${API_KEY_ENVIRONMENT_VARIABLE} (safer: not shown by ps)")
-
-    def __post_init__(self):
-        if self.model and self.run:
-            raise ValueError("give --model or --run, not both")
-        if not 0 < self.port < 65536:
-            raise ValueError("--port must be in 1..65535")
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_batch_files < 1 or self.decode_threads < 1:
-            raise ValueError("batch size, queue, batch files and decode threads must be at least 1")
-        if self.workers < 1 or self.threads < 0:
-            raise ValueError("--workers must be at least 1 and --threads not negative")
-        self.api_key = self.api_key or os.environ.get(API_KEY_ENVIRONMENT_VARIABLE, "")
-        if self.api_key != self.api_key.strip() or any(not 0x21 <= ord(c) <= 0x7E for c in self.api_key):
-            raise ValueError(f"--api-key / {API_KEY_ENVIRONMENT_VARIABLE} must be printable ASCII without spaces "
-                             "(it travels in an HTTP header)")
-        if self.max_upload_mb <= 0 or self.max_wait_ms < 0:
-            raise ValueError("--max-upload-mb must be positive and --max-wait-ms not negative")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def inference_threads(self) -> int | None:
-        """Threads for one worker's model; None: one per physical core (`inference.session_options`)."""
-        if self.threads:
-            return self.threads
-        if self.workers == 1:
-            return None
-        return max(1, len(os.sched_getaffinity(0)) // self.workers)
 
 
 @dataclass
@@ -106,7 +52,7 @@ class ServiceState:
 
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
     """The app. `predictor` may be given (tests, the Python API); otherwise the lifespan loads `config.model`, an
-    exported file (the command line exports a run or the built-in model first: `model_files.model_file_for`)."""
+    exported file (the command line exports a run or the built-in model first: `model_files.open_model`)."""
     if predictor is None and not config.model:
         raise ValueError("serve needs an exported model file: --model FILE (`catdog export` writes one)")
     metrics = ServiceMetrics()
@@ -122,14 +68,18 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
             scores = [None] * len(probabilities) if ood_scores is None else [float(score) for score in ood_scores]
             return list(zip(probabilities, scores))
 
-        batcher = MicroBatcher(predict_batch, config.max_batch_size, config.max_wait_ms, config.max_queue, metrics)
+        # The largest micro-batch: the size this network runs fastest at on this machine (measured once, then
+        # cached), unless --max-batch-size says; a server's stream of photos always pays for the measurement.
+        choice = await asyncio.to_thread(loaded.batch_size, None, config.max_batch_size, config.cache_dir or None,
+                                         logger.info)
+        batcher = MicroBatcher(predict_batch, choice.batch_size, config.max_wait_ms, config.max_queue, metrics)
         state = ServiceState(config, loaded, batcher, ThreadPoolExecutor(config.decode_threads, thread_name_prefix="catdog-decode"), metrics)
         app.state.service = state
         batcher.start()
         size = loaded.preprocess.input_size
         await batcher.submit(np.zeros((3, size, size), dtype=np.float32))  # warm-up: first-call allocations happen before /ready
         state.ready = True
-        logger.info("catdog serve ready: %s", loaded.describe())
+        logger.info("catdog serve ready: %s, micro-batches of at most %s", loaded.describe(), choice.describe())
         yield
         state.ready = False
         await batcher.stop()
@@ -142,15 +92,18 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     app.include_router(routes_predict.router)
     app.include_router(routes_health.router)
     app.include_router(routes_explain.router)
-    if config.api_key:
-        plain_openapi = app.openapi
+    plain_openapi = app.openapi
 
-        def openapi_with_api_key() -> dict:
-            if app.openapi_schema is None:
-                app.openapi_schema = document_api_key(plain_openapi())
-            return app.openapi_schema
+    def openapi_of_this_server() -> dict:
+        """The schema with this server's own limits (the batch's most files) and, with a key, its security."""
+        if app.openapi_schema is None:
+            schema = plain_openapi()
+            batch = schema["paths"]["/predict/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+            batch["schema"]["properties"]["files"]["maxItems"] = config.max_batch_files
+            app.openapi_schema = document_api_key(schema) if config.api_key else schema
+        return app.openapi_schema
 
-        app.openapi = openapi_with_api_key
+    app.openapi = openapi_of_this_server
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -208,9 +161,10 @@ def uvicorn_settings(config: ServeConfig) -> dict:
     return dict(host=config.host, port=config.port, log_config=log_config, access_log=False, timeout_graceful_shutdown=30)
 
 
-def run_server(config: ServeConfig) -> None:
+def run_server(config: ServeConfig, predictor: Predictor | None = None) -> None:
     """uvicorn in this process (readiness turns false as soon as SIGTERM/SIGINT arrives; in-flight requests then
-    finish), or with `--workers N` uvicorn's supervisor and N worker processes sharing the port."""
+    finish), or with `--workers N` uvicorn's supervisor and N worker processes sharing the port. `predictor`, of
+    `config.model` already opened by the caller, serves in this process (the workers each open the file)."""
     import uvicorn
 
     warning = exposure_warning(config)
@@ -226,7 +180,7 @@ def run_server(config: ServeConfig) -> None:
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "catdog.serve.app"])
 
-    app = create_app(config)
+    app = create_app(config, predictor)
 
     class GracefulServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

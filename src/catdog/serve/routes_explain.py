@@ -1,4 +1,4 @@
-"""`POST /explain`: the prediction for one image plus the Grad-CAM overlay of the predicted class (catdog.explain).
+"""`POST /explain`: the prediction for one image plus the Grad-CAM overlay of the predicted class (catdog.runtime.explain).
 
 It takes the same uploads as /predict and answers bad ones the same way (the upload helpers are routes_predict's).
 The heatmaps come from the exported file itself (its "class_maps" output), so it runs on the served session,
@@ -13,7 +13,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from catdog.explain import explain_photo
+from catdog.runtime.explain import explain_photo
 
 from catdog.serve.routes_predict import (
     MULTIPART_OVERHEAD,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
-from catdog.images import ImageLoadError, load_image
+from catdog.runtime.images import ImageLoadError, load_image
 from catdog.serve.batching import Overloaded
 from catdog.serve.schemas import PREDICT_ERROR_RESPONSES, BatchResult, Prediction, error_response
 
@@ -60,6 +60,8 @@ async def uploaded_files(request: Request, field_names: tuple[str, ...], body_li
     try:
         form = await request.form(max_files=max_files, max_fields=max_files + 10, max_part_size=body_limit)
     except Exception as error:  # malformed multipart, too many parts
+        if "too many files" in str(error).lower():
+            raise RequestProblem(422, "too many files", f"more than the limit of {max_files} (the schema's maxItems)") from error
         raise RequestProblem(422, "malformed multipart form", str(error)) from error
     files = []
     for name in field_names:
@@ -72,7 +74,7 @@ async def uploaded_files(request: Request, field_names: tuple[str, ...], body_li
         raise RequestProblem(422, "missing file", f"no file in form field(s) {', '.join(repr(n) for n in field_names)}; "
                                                    f"got fields {sorted(form.keys())}")
     if len(files) > max_files:
-        raise RequestProblem(413, "too many files", f"{len(files)} > limit {max_files}")
+        raise RequestProblem(422, "too many files", f"{len(files)} > limit {max_files} (the schema's maxItems)")
     return files
 
 
@@ -176,8 +178,8 @@ async def predict(request: Request):
 
 
 @router.post("/predict/batch", openapi_extra=BATCH_DOC, tags=["prediction"], response_model=BatchResult,
-             responses={**PREDICT_ERROR_RESPONSES, 413: {**PREDICT_ERROR_RESPONSES[413], "description":
-                        "more files than --max-batch-files, or the request over its size limit"}})
+             responses={**PREDICT_ERROR_RESPONSES, 422: {**PREDICT_ERROR_RESPONSES[422], "description":
+                        "no file, a malformed form, or more files than --max-batch-files (the schema's maxItems)"}})
 async def predict_batch(request: Request):
     """Classify several images (multipart fields `files`, or repeated `file`): one result or one error per file, in order."""
     service = getattr(request.app.state, "service", None)

@@ -2,18 +2,17 @@
 (head or finetune), the input size, and the strategy's default epochs, batch size and learning rate.
 
 The bottom of the training package: the loop (`loop.py`), the strategies (`head.py`, `finetune.py`) and the
-command (`catdog/train.py`) build on it.
+command (`catdog/training/train.py`) build on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-
-from catdog.config import option
-from catdog.models import get_model_spec
-from catdog.transforms import DENOISE_ABOVE, Preprocess
+from catdog.runtime.images import DEFAULT_MAX_PIXELS
+from catdog.runtime.options import option
+from catdog.runtime.transforms import DENOISE_ABOVE
 
 PRESETS = {
     # Measured on the 6,000 shared Kaggle photos, 80/20 split, 2-core CPU (BENCHMARKS.md, 2026-11-28):
@@ -49,7 +48,7 @@ class TrainConfig:
     unfreeze: float = option(1.0, "finetune: fraction of the backbone's weights that train, counted from its output end (0: only the head; 1: all)")
     augmentation: float = option(1.0, "finetune: augmentation strength from 0 (random crops of the whole photo only) to 1 (the tutorial's crops, flips, rotation and colour jitter)")
     flip: bool | None = option(None, "head strategy: also use mirror-image features (training and test-time); default from preset")
-    damage_views: float | None = option(None, "head strategy: damaged copies (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; catdog/corruptions.py) per training photo whose features the head also trains on, for robustness to damaged photos; a fraction gives one to that share of the photos; 0: none; default from preset", metavar="N")
+    damage_views: float | None = option(None, "head strategy: damaged copies (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; catdog/training/corruptions.py) per training photo whose features the head also trains on, for robustness to damaged photos; a fraction gives one to that share of the photos; 0: none; default from preset", metavar="N")
     epochs: int = option(0, "epochs; 0: the strategy's default (head 40, finetune 10)")
     batch_size: int = option(0, "batch size, global: under torchrun split evenly among the processes; 0: the strategy's default (head 256, finetune 32)")
     lr: float = option(0.0, "peak learning rate; 0: the strategy's default (head 3e-3, finetune 3e-4, from scratch 1e-3)")
@@ -66,13 +65,14 @@ class TrainConfig:
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
     seed: int = option(42, "random seed (split, initialisation, shuffling, augmentation)")
     layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/transforms.py); 0: off; default from preset (default: 10 with its own model, fast: off)")
+    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/runtime/transforms.py); 0: off; default from preset (default: 10 with its own model, fast: off)")
     image_size: int = option(0, "input size in pixels; 0: the preset's feature size for the head strategy with the preset's model (default preset: 300), else the model's own")
     num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
+    feature_batch_size: int = option(0, "head strategy: images per backbone batch when extracting features; 0: the size the backbone runs fastest at on this machine (measured once per model and machine, from 200 images; kept in the cache folder)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
-    ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/ood.py)")
+    ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/training/ood.py)")
     exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
@@ -80,6 +80,8 @@ class TrainConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self):
+        from catdog.training.models import get_model_spec  # torch: only once a command runs, never for --help
+
         if not self.data and not self.resume:
             raise ValueError("--data is required")
         if self.preset not in PRESETS:
@@ -97,7 +99,7 @@ class TrainConfig:
             raise ValueError(f"damage_views must be between 0 and 8, got {self.damage_views}")
         if not get_model_spec(self.model).pretrained_by_default:
             self.pretrained = False
-        for name in ("epochs", "batch_size", "step_size", "early_stopping", "image_size"):
+        for name in ("epochs", "batch_size", "step_size", "early_stopping", "image_size", "feature_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.lr < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.time_budget < 0 or self.denoise_above < 0:
@@ -112,47 +114,175 @@ class TrainConfig:
             raise ValueError("ood_keep must be in (0, 1]")
 
 
-def resolve_preprocess(config: TrainConfig, strategy: str) -> Preprocess:
-    """The model's preprocessing at the input size this run uses.
+@dataclass
+class EvaluateConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    data: str = option("", "labelled data; empty: the run's own validation split")
+    out: str = option("", "folder for metrics.json and the plots; empty: <run>/evaluation")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
+    backend: str = option("auto", "inference backend", choices=("auto", "torch", "onnxruntime"))
+    batch_size: int = option(64, "images per inference batch")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    feature_cache: bool = option(True, "runs trained with the head strategy: score through the cached backbone features, as training validated (--no-feature-cache runs the whole network on every image)")
+    cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
+    mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
+    ood_data: str = option("", "a folder of photos that show none of the classes: measure how well the run says \"neither\" (AUROC, shares accepted and refused at its threshold, ood_scores.png)", metavar="DIR")
+    check_orientation: bool = option(False, "with --corruptions: read a photo that looks turned a quarter the way up the network reads best, as predict --check-orientation does (off by default, as in predict; the other figures are as the run was validated, without it)")
+    corruptions: bool = option(False, "also score the photos under common damage (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; each at two severities, catdog/training/corruptions.py): a table in metrics.json (`corruptions`) and corruptions.png; head runs through the feature cache (damaged views are cached too), others through the predictor; minutes on a CPU")
 
-    Frozen features are taken at a larger size than the backbone was trained at: ImageNet training's random
-    resized crops show objects larger than a centre crop of the same size does, so at test time a frozen network
-    sees objects at the scale it learned from a larger input (the "train-test resolution discrepancy", Touvron et
-    al. 2019, FixRes). Lite2 features at 300 px instead of its 260 px, on the shared photos: 99.33% instead of
-    99.17% on catdog's split (seed 42), and at least as accurate on each of six other splits (mean 99.24% against
-    99.08%; log loss 0.0240 against 0.0254), for 1.3x the extraction time (BENCHMARKS.md). Fine-tuning trains at
-    the model's own size.
-    """
-    spec = get_model_spec(config.model)
-    size = config.image_size
-    preset = PRESETS[config.preset]
-    if not size and strategy == "head" and config.model == preset["model"]:
-        size = preset["feature_image_size"]
-    return replace(spec.preprocess, input_size=size or spec.preprocess.input_size, denoise_above=config.denoise_above or None)
-
-
-# On CUDA, fine-tuning the whole network pays once there are a few thousand training images; below that a linear
-# head on frozen features is as accurate or better, in seconds (the usual transfer-learning advice for small data
-# sets of ImageNet-like photos; the CUDA check of 2026-11-27 on 1,600 training photos: head 98.5%, two epochs of
-# fine-tuning 97.75%). On a CPU the head is the path at every size: fine-tuning runs at a few images per second.
-FINETUNE_FROM_TRAIN_IMAGES = 2000
+    def __post_init__(self):
+        if not self.run:
+            raise ValueError("--run is required")
+        if self.mistakes_shown < 0:
+            raise ValueError(f"--mistakes-shown must be >= 0, got {self.mistakes_shown}")
 
 
-def resolve_strategy(config: TrainConfig, device: torch.device, train_images: int) -> str:
-    if config.strategy != "auto":
-        if config.strategy == "head" and not config.pretrained:
-            raise ValueError("the head strategy needs a pretrained backbone; use --strategy finetune")
-        return config.strategy
-    if not config.pretrained:
-        return "finetune"
-    return "finetune" if device.type != "cpu" and train_images >= FINETUNE_FROM_TRAIN_IMAGES else "head"
+
+@dataclass
+class ExportConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    builtin: bool = option(False, "export the built-in zero-training cat/dog model instead of a run")
+    format: str = option("onnx", "onnx: the deployable file predict and serve run without torch; torchscript: the PyTorch network alone", choices=("onnx", "torchscript"))
+    out: str = option("", "output file; empty: <run>/model.onnx (or model.torchscript.pt), catdog-builtin.onnx for --builtin")
+    parity_images: int = option(32, "images in the PyTorch-vs-export parity check")
+
+    def __post_init__(self):
+        if bool(self.run) == bool(self.builtin):
+            raise ValueError("give --run RUN or --builtin")
+        if self.format not in ("onnx", "torchscript"):
+            raise ValueError("--format must be onnx or torchscript")
+        if self.parity_images < 1:
+            raise ValueError("--parity-images must be at least 1")
 
 
-def strategy_defaults(config: TrainConfig, strategy: str) -> TrainConfig:
-    """Fill the 0 placeholders with what works for the chosen strategy, so config.json records what was used."""
-    if strategy == "head":
-        defaults = {"epochs": 40, "batch_size": 256, "lr": 3e-3}
-    else:
-        defaults = {"epochs": 10, "batch_size": 32, "lr": 3e-4 if config.pretrained else 1e-3}
-    defaults["image_size"] = resolve_preprocess(config, strategy).input_size
-    return replace(config, **{key: value for key, value in defaults.items() if not getattr(config, key)})
+
+@dataclass
+class ReportConfig:
+    run: str = option("", "run directory made by `catdog train`")
+    data: str = option("", "labelled data to report on; empty: the run's own validation split")
+    output: str = option("report.html", "the HTML file to write")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    mistakes: int = option(8, "how many of the most confidently wrong photos to show with Grad-CAM overlays")
+    samples: int = option(12, "how many photos the sample grid shows")
+    label_issues: str = option("", "label_issues.csv of `catdog data issues`; empty: <run>/label_issues.csv, else found now")
+    find_label_issues: bool = option(True, "search the run's data for label errors when no label_issues.csv is at hand")
+    issues_shown: int = option(12, "how many likely label errors to show")
+    bootstrap: int = option(1000, "bootstrap resamples for the metrics' 95% intervals")
+    device: str = option("auto", "where Grad-CAM and the label-error search run: auto, cpu, cuda or cuda:N")
+    seed: int = option(0, "seed of the sample grid and the bootstrap")
+    ood_data: str = option("", "a folder of photos showing none of the classes: the Saying neither section measures the run's out-of-distribution score against them (evaluate --ood-data)", metavar="DIR")
+    corruptions: bool = option(True, "the Damaged photos section: accuracy and log loss under common damage (evaluate --corruptions), run now when the evaluation has none (minutes on a CPU for a large validation split)")
+
+    def __post_init__(self):
+        if not self.run:
+            raise ValueError("--run is required")
+        for name in ("mistakes", "samples", "issues_shown"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.bootstrap < 100:
+            raise ValueError("--bootstrap must be at least 100")
+
+
+
+STRATEGIES = ("head", "finetune")
+
+
+@dataclass
+class TuneConfig:
+    data: str = option("", "data set folder or CSV manifest")
+    out: str = option("runs/tune", "folder for study.db (the default storage), trials.csv, best_config.yaml, study.json and the plots")
+    strategy: str = option("head", "head: tune the linear head on cached features; finetune: tune fine-tuning of the network", choices=STRATEGIES)
+    preset: str = option("default", "preset whose model (and flip setting) the trials use", choices=tuple(PRESETS))
+    model: str = option("", "model name (see `catdog models`); empty: the preset's model")
+    storage: str = option("", "Optuna storage URL; empty: sqlite:///<out>/study.db (rerunning continues the study); postgresql://user:password@host/db shares one study between workers")
+    study: str = option("", "study name in the storage; empty: catdog-<strategy>")
+    heartbeat: int = option(60, "seconds between a worker's heartbeats; a trial without one for twice as long is failed and retried (0: off)")
+    trials: int = option(30, "trials this process runs (several workers on one study add theirs up)")
+    timeout: float = option(0.0, "stop starting trials after this many minutes (0: no limit)")
+    max_epochs: int = option(0, "head: largest number of epochs a trial may ask for (0: 40); finetune: epochs of every trial (0: 5)")
+    image_sizes: list[int] = option([], "finetune: input sizes to try; empty: the model's own and three quarters of it")
+    seed: int = option(42, "seed for the split and the trials; the sampler's seed also mixes in the trials already in the study and the process id")
+    val_fraction: float = option(0.2, "fraction of each class held out for validation")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    num_workers: int = option(-1, "finetune: data-loading worker processes; -1: automatic")
+    progress: bool = option(True, "show progress bars while extracting features")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("--data is required")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.max_epochs = self.max_epochs or (40 if self.strategy == "head" else 5)
+        if self.trials < 1 or self.max_epochs < 1:
+            raise ValueError("--trials and --max-epochs must be at least 1")
+        if self.strategy == "head" and self.max_epochs < 2:
+            raise ValueError("--max-epochs must be at least 2 for the head strategy")
+        if self.heartbeat < 0 or self.timeout < 0:
+            raise ValueError("--heartbeat and --timeout must not be negative")
+        self.image_sizes = [int(size) for size in self.image_sizes]
+        if any(size < 16 for size in self.image_sizes):
+            raise ValueError("--image-sizes must be at least 16 pixels")
+        self.study = self.study or f"catdog-{self.strategy}"
+        self.storage = self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
+
+
+
+@dataclass
+class InspectConfig:
+    data: str = option("", "data set folder or CSV manifest")
+    out: str = option("", "folder for the report and the sample grid; empty: ./inspect-<data name>")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    samples_per_class: int = option(8, "images per class in the sample grid")
+    seed: int = option(0, "which samples go in the grid")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("give a data folder or manifest")
+        if self.samples_per_class < 1:
+            raise ValueError("--samples-per-class must be at least 1")
+
+
+
+NEAR_DUPLICATE_BITS = 24  # of 256: resized, re-encoded or lightly edited copies land within this distance
+
+
+@dataclass
+class AuditConfig:
+    data: str = option("", "data set folder or CSV manifest (a folder without labels is audited too)")
+    out: str = option("", "folder for audit.json and quarantine.txt; empty: ./audit-<data name>")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    workers: int = option(0, "decoding processes; 0: one per CPU core")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels are flagged (and refused by the loader)")
+    near_duplicate_bits: int = option(NEAR_DUPLICATE_BITS, "perceptual-hash distance (of 256 bits) counted as near duplicate")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("give a data folder or manifest")
+        if not 0 <= self.near_duplicate_bits <= 64:
+            raise ValueError("--near-duplicate-bits must be in 0..64")
+
+
+
+@dataclass
+class LabelIssuesConfig:
+    data: str = option("", "labelled data set: a folder (Kaggle flat, class sub-folders) or a CSV manifest")
+    preset: str = option("default", "the features of this `catdog train` preset (fast: Lite0 at 224 px; default: Lite2 at 300 px)", choices=("fast", "default"))
+    output: str = option("label_issues.csv", "CSV of every photo, most suspicious first; the grid goes beside it as <name>.png")
+    folds: int = option(5, "k: out-of-fold probabilities from k heads, each trained on the other folds")
+    shown: int = option(24, "how many of the most suspicious photos the PNG grid shows")
+    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
+    seed: int = option(42, "random seed of the folds")
+    device: str = option("auto", "where the backbone runs on a feature-cache miss: auto, cpu, cuda or cuda:N")
+    cache_dir: str = option("", "feature cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
+    progress: bool = option(True, "show a progress bar while features are computed")
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("give a labelled data folder or manifest")
+        if self.folds < 2:
+            raise ValueError(f"--folds must be at least 2, got {self.folds}")
+        if self.shown < 0:
+            raise ValueError(f"--shown must be >= 0, got {self.shown}")
+        if not self.output.lower().endswith(".csv"):
+            raise ValueError(f"--output must be a .csv file, got {self.output!r}")

@@ -22,11 +22,11 @@ from timm.utils.distributed import distribute_bn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from catdog.augmentation import Augmentation, train_transform
-from catdog.checkpoint import load_model, save_model, save_training_state
-from catdog.data import LabelledImages, default_num_workers
-from catdog.datasets import ImageFileDataset, dataloader_options
-from catdog.distributed import (
+from catdog.training.augmentation import Augmentation, train_transform
+from catdog.training.checkpoint import load_model, save_model, save_training_state
+from catdog.runtime.data import LabelledImages, default_num_workers
+from catdog.training.datasets import ImageFileDataset, dataloader_options
+from catdog.training.distributed import (
     all_gather_objects,
     barrier,
     broadcast_from_main,
@@ -35,11 +35,11 @@ from catdog.distributed import (
     shard_indices,
     world_size,
 )
-from catdog.images import ImageLoadError
-from catdog.models import Classifier
-from catdog.ood import KNN_BANK_SIZE
-from catdog.progress import progress_bar
-from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta
+from catdog.runtime.images import ImageLoadError
+from catdog.training.models import Classifier
+from catdog.training.ood import KNN_BANK_SIZE
+from catdog.runtime.progress import progress_bar
+from catdog.runtime.runs import LAST_CHECKPOINT_FILE, RunMeta
 from catdog.training.config import TrainConfig
 from catdog.training.loop import (
     EpochResult,
@@ -56,7 +56,7 @@ from catdog.training.loop import (
     seed_epoch,
     train_one_epoch,
 )
-from catdog.transforms import Preprocess, eval_transform
+from catdog.runtime.transforms import Preprocess, eval_transform
 
 
 def unfreeze_backbone(model: Classifier, fraction: float) -> None:

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from catdog.checkpoint import save_training_state
-from catdog.data import DataError, LabelledImages, default_num_workers
-from catdog.datasets import Batch
-from catdog.distributed import all_gather_objects, is_main_process, shard, shard_indices, world_size
-from catdog.features import FeatureSet, cache_folder, default_cache_dir, extract_features
-from catdog.images import ImageLoadError
-from catdog.models import Classifier
-from catdog.progress import progress_bar
-from catdog.runs import LAST_CHECKPOINT_FILE
+from catdog.training.checkpoint import save_training_state
+from catdog.runtime.data import DataError, LabelledImages, default_num_workers
+from catdog.training.datasets import Batch
+from catdog.training.distributed import all_gather_objects, is_main_process, shard, shard_indices, world_size
+from catdog.training.features import FeatureSet, cache_folder, default_cache_dir, extract_features
+from catdog.runtime.images import ImageLoadError
+from catdog.training.models import Classifier
+from catdog.runtime.progress import progress_bar
+from catdog.runtime.runs import LAST_CHECKPOINT_FILE
 from catdog.training.config import TrainConfig
 from catdog.training.loop import (
     Tracker,
@@ -44,7 +44,7 @@ from catdog.training.loop import (
     seed_epoch,
     train_one_epoch,
 )
-from catdog.transforms import Preprocess
+from catdog.runtime.transforms import Preprocess
 
 
 class FeatureBatches:
@@ -98,13 +98,14 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
     with progress_bar(config.progress and is_main_process(), len(shard(all_paths)), "features") as bar:
         feature_set = extract_features_across_ranks(all_paths, backbone, config.model, preprocess, views, device=device,
                                                     cache_dir=cache_dir, num_workers=workers, progress=bar.update,
-                                                    deadline=deadline, seed=config.seed)
+                                                    deadline=deadline, seed=config.seed, batch_size=config.feature_batch_size)
     if feature_set is None:  # another rank of a torchrun launch: it shares the damaged views' extraction too
         if config.damage_views:
             damaged_training_views(config, backbone, preprocess, train_images, None, device, cache_dir, workers, log, deadline)
         return None
     log(f"features: {len(all_paths)} images x {len(views)} views at {preprocess.input_size} px in {feature_set.seconds:.1f} s "
-        f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)")
+        f"({feature_set.computed} computed, {feature_set.from_cache(len(all_paths))} from cache)"
+        + (f", {feature_set.batch_size.describe()}" if feature_set.batch_size else ""))
     count = len(train_images)
     if feature_set.not_reached:
         in_train = sum(1 for i in feature_set.not_reached if i < count)
@@ -154,7 +155,7 @@ def damaged_training_views(config: TrainConfig, backbone: Callable[[], nn.Module
         with progress_bar(config.progress and is_main_process(), len(shard(paths)), view) as bar:
             feature_set = extract_features_across_ranks(paths, backbone, config.model, preprocess, (view,), device=device,
                                                         cache_dir=cache_dir, num_workers=workers, progress=bar.update,
-                                                        deadline=deadline, seed=config.seed)
+                                                        deadline=deadline, seed=config.seed, batch_size=config.feature_batch_size)
         if feature_set is None:  # another rank: rank 0 trains
             continue
         mask = feature_set.valid_mask() & usable[positions]

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from catdog.data import DataError
-from catdog.datasets import Batch
-from catdog.files import write_csv_atomic
-from catdog.images import ImageLoadError
+from catdog.runtime.data import DataError
+from catdog.training.datasets import Batch
+from catdog.runtime.files import write_csv_atomic
+from catdog.runtime.images import ImageLoadError
 from catdog.training.config import HISTORY_COLUMNS, TrainConfig
 
 # ---------------------------------------------------------------- the loop

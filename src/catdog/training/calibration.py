@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from catdog.files import write_with_atomic
-from catdog.plotting import headless_pyplot
+from catdog.runtime.files import write_with_atomic
+from catdog.training.plotting import headless_pyplot
 
 SHARPEN_MIN_IMAGES = 500
 SHARPEN_MIN_ERRORS = 5

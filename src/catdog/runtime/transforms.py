@@ -5,7 +5,7 @@ every exported model file, so predict, serve and export always preprocess exactl
 
 The evaluation transform (used for features, evaluation, prediction and serving) is Pillow + NumPy: it is as
 fast as torchvision's and keeps torch out of the prediction path. Training-time augmentation (torchvision) is
-`catdog.augmentation`, in the training layer.
+`catdog.training.augmentation`, in the training layer.
 """
 
 from __future__ import annotations

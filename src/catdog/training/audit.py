@@ -18,39 +18,21 @@ import os
 import time
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from catdog.config import option
-from catdog.data import discover, find_image_files
-from catdog.files import write_json_atomic, write_text_atomic
-from catdog.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from catdog.training.config import AuditConfig
+from catdog.runtime.data import discover, find_image_files
+from catdog.runtime.files import write_json_atomic, write_text_atomic
+from catdog.runtime.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 TINY_SIDE = 32
 HASH_SIDE = 16  # a 16x16 difference hash: 256 bits (8x8 ones confuse photos that merely share a layout)
-NEAR_DUPLICATE_BITS = 24  # of 256: resized, re-encoded or lightly edited copies land within this distance
 CONVERTED_MODES = {"CMYK": "CMYK", "RGBA": "transparency", "LA": "transparency", "P": "palette", "1": "1-bit",
                    "L": "grayscale", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
 EXIT_PROBLEMS_FOUND = 0  # an audit that finds problems has still done its job
-
-
-@dataclass
-class AuditConfig:
-    data: str = option("", "data set folder or CSV manifest (a folder without labels is audited too)")
-    out: str = option("", "folder for audit.json and quarantine.txt; empty: ./audit-<data name>")
-    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    workers: int = option(0, "decoding processes; 0: one per CPU core")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "images with more pixels are flagged (and refused by the loader)")
-    near_duplicate_bits: int = option(NEAR_DUPLICATE_BITS, "perceptual-hash distance (of 256 bits) counted as near duplicate")
-
-    def __post_init__(self):
-        if not self.data:
-            raise ValueError("give a data folder or manifest")
-        if not 0 <= self.near_duplicate_bits <= 64:
-            raise ValueError("--near-duplicate-bits must be in 0..64")
 
 
 def difference_hash(image: Image.Image, side: int = HASH_SIDE) -> str:
@@ -136,7 +118,7 @@ def _groups(pairs: list[tuple[int, int]], count: int) -> list[list[int]]:
 
 
 def audit_cache_path(root: Path) -> Path:
-    from catdog.features import default_cache_dir
+    from catdog.training.features import default_cache_dir
 
     return default_cache_dir() / "audits" / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] + ".json")
 

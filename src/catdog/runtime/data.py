@@ -1,5 +1,5 @@
 """Data sets on disk: layout detection and the stratified split. Runtime layer (no torch): the PyTorch datasets
-are `catdog.datasets`.
+are `catdog.training.datasets`.
 
 Supported layouts (detected automatically, overridable with `layout=`):
 - `kaggle`: a flat folder of `<class>.<id>.<ext>` files (Kaggle's `train/cat.0.jpg`); a folder holding `train/`
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from catdog.images import has_image_extension
+from catdog.runtime.images import has_image_extension
 
 LAYOUTS = ("auto", "kaggle", "folders", "csv")
 _KAGGLE_NAME = re.compile(r"^([A-Za-z][A-Za-z_\-]*)\.[^.]+\.[A-Za-z]+$")

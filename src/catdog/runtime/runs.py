@@ -1,23 +1,24 @@
 """Run directories as the runtime sees them: their metadata (`meta.json`) and the rules for opening them.
 
 This module is part of the runtime layer: it never imports torch. The weights themselves (`model.safetensors`) are
-read by `catdog.checkpoint` in the training layer; predicting and serving read an exported model file instead.
+read by `catdog.training.checkpoint` in the training layer; predicting and serving read an exported model file instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catdog import __version__
-from catdog.transforms import Preprocess
+from catdog.runtime.version import __version__
+from catdog.runtime.transforms import Preprocess
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
-OOD_FILE = "ood.safetensors"  # the out-of-distribution bank (catdog.ood), exported with the weights
+OOD_FILE = "ood.safetensors"  # the out-of-distribution bank (catdog.training.ood), exported with the weights
 LAST_CHECKPOINT_FILE = "last_checkpoint.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
@@ -92,3 +93,20 @@ def check_not_pickle(path: str | os.PathLike) -> None:
             f"{path}: refusing to load a pickled file (it can run arbitrary code). catdog loads weights only from "
             "safetensors; pass a run directory made by `catdog train`."
         )
+
+
+def weights_digest(run: str | os.PathLike) -> str:
+    """The SHA-1 of what a run's export is made of: its weights file, its out-of-distribution bank
+    (`ood.safetensors`) when it has one, and its `meta.json` (preprocessing, temperature, thresholds: an export
+    carries them, so an edited meta.json must not be served from an old file). An export records it, so a stale
+    model.onnx is never used."""
+    digest = hashlib.sha1()
+    for name in (MODEL_FILE, OOD_FILE, META_FILE):
+        path = Path(run) / name
+        if name == OOD_FILE and not path.is_file():
+            continue
+        try:
+            digest.update(path.read_bytes())
+        except OSError as error:
+            raise RunError(f"{path}: cannot read what the export is made of ({error})") from error
+    return digest.hexdigest()

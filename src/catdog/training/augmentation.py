@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torchvision.transforms import v2
 
-from catdog.transforms import Preprocess, denoised
+from catdog.runtime.transforms import Preprocess, denoised
 
 
 @dataclass(frozen=True)

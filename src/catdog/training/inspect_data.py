@@ -10,31 +10,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from catdog.config import option
-from catdog.data import discover
-from catdog.files import write_json_atomic, write_with_atomic
-from catdog.images import ALLOWED_FORMATS, ImageLoadError, load_image
-
-
-@dataclass
-class InspectConfig:
-    data: str = option("", "data set folder or CSV manifest")
-    out: str = option("", "folder for the report and the sample grid; empty: ./inspect-<data name>")
-    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    samples_per_class: int = option(8, "images per class in the sample grid")
-    seed: int = option(0, "which samples go in the grid")
-
-    def __post_init__(self):
-        if not self.data:
-            raise ValueError("give a data folder or manifest")
-        if self.samples_per_class < 1:
-            raise ValueError("--samples-per-class must be at least 1")
+from catdog.training.config import InspectConfig
+from catdog.runtime.data import discover
+from catdog.runtime.files import write_json_atomic, write_with_atomic
+from catdog.runtime.images import ALLOWED_FORMATS, ImageLoadError, load_image
 
 
 def read_header(path: Path) -> tuple[str, tuple[int, int] | None, str | None, str]:
@@ -101,7 +85,7 @@ def format_report(report: dict) -> str:
 
 def save_sample_grid(images, path: Path, per_class: int, seed: int, tile: int = 128) -> None:
     """One row per class, `per_class` random images each, labelled with the class name."""
-    from catdog.plotting import headless_pyplot
+    from catdog.training.plotting import headless_pyplot
 
     plt = headless_pyplot()
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from catdog.transforms import DENOISE_ABOVE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from catdog.runtime.transforms import DENOISE_ABOVE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 # ImageNet-1k class indices: 281-285 are domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian cat),
 # 151-268 are dog breeds.

@@ -1,7 +1,7 @@
 """Leaving listed photos out of training: `catdog train --exclude FILE`.
 
 The list is a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line
-(like `data audit`'s quarantine.txt). Pure Python on top of `catdog.data`, so the train command and
+(like `data audit`'s quarantine.txt). Pure Python on top of `catdog.runtime.data`, so the train command and
 `label_issues` both import it without importing each other.
 """
 
@@ -11,7 +11,7 @@ import csv
 import os
 from pathlib import Path
 
-from catdog.data import DataError, LabelledImages
+from catdog.runtime.data import DataError, LabelledImages
 
 
 def read_exclusion_list(path: str | Path) -> list[str]:

@@ -23,22 +23,23 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from catdog.augmentation import train_transform
-from catdog.config import option
-from catdog.data import LabelledImages, default_num_workers, discover, stratified_split
-from catdog.datasets import ImageFileDataset, dataloader_options
-from catdog.devices import resolve_device
-from catdog.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
-from catdog.models import create_model
-from catdog.plotting import headless_pyplot
-from catdog.training.config import PRESETS, TrainConfig, resolve_preprocess, strategy_defaults
+from catdog.training.config import TuneConfig
+from catdog.training.augmentation import train_transform
+from catdog.runtime.data import LabelledImages, default_num_workers, discover, stratified_split
+from catdog.training.datasets import ImageFileDataset, dataloader_options
+from catdog.training.devices import resolve_device
+from catdog.runtime.files import write_csv_atomic, write_json_atomic, write_text_atomic, write_with_atomic
+from catdog.training.models import create_model
+from catdog.training.plotting import headless_pyplot
+from catdog.training.config import TrainConfig
+from catdog.training.strategy import resolve_preprocess, strategy_defaults
 from catdog.training.finetune import augmentation_of_strength, unfreeze_backbone
 from catdog.training.head import FeatureBatches, load_head_data
 from catdog.training.loop import (
@@ -49,55 +50,14 @@ from catdog.training.loop import (
     seed_everything,
     train_one_epoch,
 )
-from catdog.transforms import eval_transform
+from catdog.runtime.transforms import eval_transform
 
 # optuna (with sqlalchemy and psycopg) is the `tune` extra: it is imported inside the functions that use it, so
 # this module, and with it `catdog tune --help` and TuneConfig, imports without it.
 
-STRATEGIES = ("head", "finetune")
-
 
 class StudyStorageError(RuntimeError):
     """The study's database cannot be opened (bad URL, server down, wrong password)."""
-
-
-@dataclass
-class TuneConfig:
-    data: str = option("", "data set folder or CSV manifest")
-    out: str = option("runs/tune", "folder for study.db (the default storage), trials.csv, best_config.yaml, study.json and the plots")
-    strategy: str = option("head", "head: tune the linear head on cached features; finetune: tune fine-tuning of the network", choices=STRATEGIES)
-    preset: str = option("default", "preset whose model (and flip setting) the trials use", choices=tuple(PRESETS))
-    model: str = option("", "model name (see `catdog models`); empty: the preset's model")
-    storage: str = option("", "Optuna storage URL; empty: sqlite:///<out>/study.db (rerunning continues the study); postgresql://user:password@host/db shares one study between workers")
-    study: str = option("", "study name in the storage; empty: catdog-<strategy>")
-    heartbeat: int = option(60, "seconds between a worker's heartbeats; a trial without one for twice as long is failed and retried (0: off)")
-    trials: int = option(30, "trials this process runs (several workers on one study add theirs up)")
-    timeout: float = option(0.0, "stop starting trials after this many minutes (0: no limit)")
-    max_epochs: int = option(0, "head: largest number of epochs a trial may ask for (0: 40); finetune: epochs of every trial (0: 5)")
-    image_sizes: list[int] = option([], "finetune: input sizes to try; empty: the model's own and three quarters of it")
-    seed: int = option(42, "seed for the split and the trials; the sampler's seed also mixes in the trials already in the study and the process id")
-    val_fraction: float = option(0.2, "fraction of each class held out for validation")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    num_workers: int = option(-1, "finetune: data-loading worker processes; -1: automatic")
-    progress: bool = option(True, "show progress bars while extracting features")
-
-    def __post_init__(self):
-        if not self.data:
-            raise ValueError("--data is required")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        self.max_epochs = self.max_epochs or (40 if self.strategy == "head" else 5)
-        if self.trials < 1 or self.max_epochs < 1:
-            raise ValueError("--trials and --max-epochs must be at least 1")
-        if self.strategy == "head" and self.max_epochs < 2:
-            raise ValueError("--max-epochs must be at least 2 for the head strategy")
-        if self.heartbeat < 0 or self.timeout < 0:
-            raise ValueError("--heartbeat and --timeout must not be negative")
-        self.image_sizes = [int(size) for size in self.image_sizes]
-        if any(size < 16 for size in self.image_sizes):
-            raise ValueError("--image-sizes must be at least 16 pixels")
-        self.study = self.study or f"catdog-{self.strategy}"
-        self.storage = self.storage or f"sqlite:///{(Path(self.out) / 'study.db').resolve()}"
 
 
 # ---------------------------------------------------------------- the study's storage

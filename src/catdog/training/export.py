@@ -1,6 +1,6 @@
 """`catdog export`: a run (or the built-in cat/dog model) as one deployable ONNX file. Training layer (torch).
 
-The exported file is what predict and serve run without torch (`catdog.predict.load_model_file`). It holds:
+The exported file is what predict and serve run without torch (`catdog.runtime.predict.load_model_file`). It holds:
 - the network, with three outputs (`DeployableNetwork`): "logits"; "features", the pooled penultimate vector
   (what the head sees); and, for networks whose head is linear on average-pooled convolutional features (the
   EfficientNets, ResNets and the built-in model), "class_maps": each class's Grad-CAM map;
@@ -27,19 +27,18 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from catdog import __version__
-from catdog.checkpoint import load_model
-from catdog.config import option
-from catdog.files import atomic_path, default_cache_dir, settings_digest
-from catdog.images import ImageLoadError, load_image
-from catdog.models import (
+from catdog.training.config import ExportConfig
+from catdog.runtime.version import __version__
+from catdog.training.checkpoint import load_model
+from catdog.runtime.files import atomic_path, default_cache_dir, settings_digest
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.training.models import (
     IMAGENET_CAT_CLASSES,
     IMAGENET_DOG_CLASSES,
     ZERO_TRAINING_BACKBONE,
@@ -49,12 +48,14 @@ from catdog.models import (
     create_zero_training_model,
     zero_training_preprocess,
 )
-from catdog.inference import session_options
-from catdog.predict import EXPORTED_MODEL_FILE, MODEL_FORMAT, ZERO_TRAINING_STRATEGY, load_run_model_file, weights_digest
-from catdog.ood import OOD_FILE, KnnScorer
-from catdog.probabilities import softmax
-from catdog.runs import RunMeta, check_not_pickle
-from catdog.transforms import eval_transform
+from catdog.runtime.inference import session_options
+from catdog.runtime.model_file import MODEL_FORMAT, open_run
+from catdog.runtime.predict import ZERO_TRAINING_STRATEGY, Predictor
+from catdog.runtime.runs import weights_digest
+from catdog.training.ood import OOD_FILE, KnnScorer
+from catdog.runtime.probabilities import softmax
+from catdog.runtime.runs import RunMeta
+from catdog.runtime.transforms import eval_transform
 
 # The built-in model's "neither": ImageNet gives the 123 cat and dog classes together less than 14% of its
 # probability (score -log 0.14). A constant chosen once on the shared photos (benchmarks/ood_research.py; chosen
@@ -290,14 +291,14 @@ def builtin_model() -> tuple[nn.Module, RunMeta]:
                           ood_method="imagenet", ood_threshold=BUILTIN_OOD_THRESHOLD)
 
 
-def load_exportable(run: str | None) -> tuple[DeployableNetwork, RunMeta, str]:
-    """(network as exported, metadata, weights digest) of a run, or of the built-in model when `run` is empty."""
+def load_exportable(run: str | None) -> tuple[DeployableNetwork, RunMeta]:
+    """(network as exported, metadata) of a run, or of the built-in model when `run` is empty."""
     if not run:
         model, meta = builtin_model()
-        return DeployableNetwork(model), meta, ""
+        return DeployableNetwork(model), meta
     model, meta = load_model(run)
     scorer = KnnScorer.load(Path(run) / OOD_FILE) if meta.ood_method == "knn" and (Path(run) / OOD_FILE).is_file() else None
-    return DeployableNetwork(model, scorer.module() if scorer else None), meta, weights_digest(run)
+    return DeployableNetwork(model, scorer.module() if scorer else None), meta
 
 
 def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weights_sha1: str = "",
@@ -362,50 +363,42 @@ def check_parity(reference: np.ndarray, exported: np.ndarray, what: str) -> floa
     return difference
 
 
-def exported_model_file(run: str | None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The model file predict and serve run for `run` (the built-in model when empty): the run's own model.onnx
-    when it matches the run's weights, else an export kept in the cache (`<cache>/models/`), made on first use."""
-    if run:
-        check_not_pickle(run)
-        own = Path(run) / EXPORTED_MODEL_FILE
-        digest = weights_digest(run)
-        name = f"run-{digest[:20]}-catdog{__version__}.onnx"
-        if own.is_file() and load_run_model_file(run) is not None:
-            return own
-    else:
-        # The preprocessing's digest in the name: a change to it (the noise filter, say) is never served from an old file.
-        settings = settings_digest(zero_training_preprocess().to_dict(), 10)
-        digest, name = "", f"builtin-{ZERO_TRAINING_BACKBONE}-{settings}-torch{torch.__version__}-catdog{__version__}.onnx"
-    path = Path(cache_dir or default_cache_dir()) / "models" / name
+def export_run_to_cache(run: str, digest: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The export of `run`, whose files' digest is `digest` (`runs.weights_digest`), kept in the cache
+    (`<cache>/models/`) and made on first use. `model_file.open_run` calls it for a run without a current
+    model.onnx: the one place that decides which file a run predicts with."""
+    path = Path(cache_dir or default_cache_dir()) / "models" / f"run-{digest[:20]}-catdog{__version__}.onnx"
     if not path.is_file():
-        network, meta, digest = load_exportable(run)
+        network, meta = load_exportable(run)
         write_model_file(network, meta, path, digest)
     return path
+
+
+def builtin_model_file(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The built-in cat/dog model's export, kept in the cache and made on first use. The preprocessing's digest is in
+    the name: a change to it (the noise filter, say) is never served from an old file."""
+    settings = settings_digest(zero_training_preprocess().to_dict(), 10)
+    name = f"builtin-{ZERO_TRAINING_BACKBONE}-{settings}-torch{torch.__version__}-catdog{__version__}.onnx"
+    path = Path(cache_dir or default_cache_dir()) / "models" / name
+    if not path.is_file():
+        network, meta = load_exportable(None)
+        write_model_file(network, meta, path)
+    return path
+
+
+def open_run_with_export(run: str, cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                         device: str = "cpu", ood_keep: float | None = None) -> Predictor:
+    """`model_file.open_run` with this layer's export: the run's current model.onnx, else its export in the cache."""
+    return open_run(run, export_run_to_cache, cache_dir, threads, device, ood_keep)
 
 
 # ---------------------------------------------------------------- the command
 
 
-@dataclass
-class ExportConfig:
-    run: str = option("", "run directory made by `catdog train`")
-    builtin: bool = option(False, "export the built-in zero-training cat/dog model instead of a run")
-    format: str = option("onnx", "onnx: the deployable file predict and serve run without torch; torchscript: the PyTorch network alone", choices=("onnx", "torchscript"))
-    out: str = option("", "output file; empty: <run>/model.onnx (or model.torchscript.pt), catdog-builtin.onnx for --builtin")
-    parity_images: int = option(32, "images in the PyTorch-vs-export parity check")
-
-    def __post_init__(self):
-        if bool(self.run) == bool(self.builtin):
-            raise ValueError("give --run RUN or --builtin")
-        if self.format not in ("onnx", "torchscript"):
-            raise ValueError("--format must be onnx or torchscript")
-        if self.parity_images < 1:
-            raise ValueError("--parity-images must be at least 1")
-
-
 def run_export(config: ExportConfig, log=print) -> Path:
     run_dir = Path(config.run) if config.run else None
-    network, meta, digest = load_exportable(config.run)
+    digest = weights_digest(config.run) if config.run else ""
+    network, meta = load_exportable(config.run)
     suffix = ".onnx" if config.format == "onnx" else ".torchscript.pt"
     out = Path(config.out) if config.out else (run_dir / f"model{suffix}" if run_dir else Path(f"catdog-builtin{suffix}"))
     batch = parity_batch(run_dir, meta.preprocess, config.parity_images)

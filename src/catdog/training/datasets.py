@@ -1,5 +1,5 @@
 """PyTorch data loading: the dataset of image files, batches that skip unreadable files, loader options.
-Training layer (torch); listing and splitting data sets is `catdog.data`, which needs no torch."""
+Training layer (torch); listing and splitting data sets is `catdog.runtime.data`, which needs no torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from catdog.images import ImageLoadError, load_image
+from catdog.runtime.images import ImageLoadError, load_image
 
 
 class ImageFileDataset:

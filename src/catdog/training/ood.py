@@ -28,10 +28,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from torch import nn
 
-from catdog.files import atomic_path, write_with_atomic
-from catdog.plotting import headless_pyplot
-from catdog.probabilities import threshold_keeping
-from catdog.runs import OOD_FILE
+from catdog.runtime.files import atomic_path, write_with_atomic
+from catdog.training.plotting import headless_pyplot
+from catdog.runtime.probabilities import threshold_keeping
+from catdog.runtime.runs import OOD_FILE
 
 # Measured side by side on the shared photos against not-pets (benchmarks/ood_research.py, BENCHMARKS.md "Saying
 # neither"): k = 5 beats 1 (noisier) and 10 or 50 (people photos come closer); the whole training set's first views

@@ -11,51 +11,26 @@ training reads them instead of running the network again (seconds instead of min
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from catdog.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
-from catdog.checkpoint import load_model
-from catdog.ood import OOD_FILE, KnnScorer, out_of_distribution_summary, plot_out_of_distribution_scores
-from catdog.runs import RunError, check_not_pickle, read_meta
-from catdog.config import option
-from catdog.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
-from catdog.devices import resolve_device
-from catdog.features import extract_features, file_digest, view_name
-from catdog.files import write_csv_atomic, write_json_atomic, write_with_atomic
-from catdog.images import ImageLoadError, load_image
-from catdog.metrics import classification_metrics
-from catdog import corruptions
-from catdog.backends import load_run_predictor
-from catdog.predict import PredictionOutcome
-from catdog.probabilities import QUARTER_TURNS, OrientationCheck, softmax, uses_mirror_view
-
-
-@dataclass
-class EvaluateConfig:
-    run: str = option("", "run directory made by `catdog train`")
-    data: str = option("", "labelled data; empty: the run's own validation split")
-    out: str = option("", "folder for metrics.json and the plots; empty: <run>/evaluation")
-    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
-    backend: str = option("auto", "inference backend", choices=("auto", "torch", "onnxruntime"))
-    batch_size: int = option(64, "images per inference batch")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    feature_cache: bool = option(True, "runs trained with the head strategy: score through the cached backbone features, as training validated (--no-feature-cache runs the whole network on every image)")
-    cache_dir: str = option("", "feature and model-file cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    mistakes_shown: int = option(24, "how many of the most confidently misclassified images mistakes.png shows")
-    ood_data: str = option("", "a folder of photos that show none of the classes: measure how well the run says \"neither\" (AUROC, shares accepted and refused at its threshold, ood_scores.png)", metavar="DIR")
-    check_orientation: bool = option(True, "with --corruptions: read a photo that looks turned a quarter the way up the network reads best, as predict does (the other figures are as the run was validated, without it)")
-    corruptions: bool = option(False, "also score the photos under common damage (JPEG, thumbnail, blur, grey, dark, noise, screenshot, sideways; each at two severities, catdog/corruptions.py): a table in metrics.json (`corruptions`) and corruptions.png; head runs through the feature cache (damaged views are cached too), others through the predictor; minutes on a CPU")
-
-    def __post_init__(self):
-        if not self.run:
-            raise ValueError("--run is required")
-        if self.mistakes_shown < 0:
-            raise ValueError(f"--mistakes-shown must be >= 0, got {self.mistakes_shown}")
+from catdog.training.config import EvaluateConfig
+from catdog.training.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
+from catdog.training.checkpoint import load_model
+from catdog.training.ood import OOD_FILE, KnnScorer, out_of_distribution_summary, plot_out_of_distribution_scores
+from catdog.runtime.runs import RunError, check_not_pickle, read_meta
+from catdog.runtime.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
+from catdog.training.devices import resolve_device
+from catdog.training.features import extract_features, file_digest, view_name
+from catdog.runtime.files import write_csv_atomic, write_json_atomic, write_with_atomic
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.training.metrics import classification_metrics
+from catdog.training import corruptions
+from catdog.training.backends import load_run_predictor
+from catdog.runtime.predict import PredictionOutcome
+from catdog.runtime.probabilities import QUARTER_TURNS, OrientationCheck, softmax, uses_mirror_view
 
 
 def evaluation_images(run_dir: Path, data: str, layout: str):
@@ -202,7 +177,7 @@ def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, limit
 def plot_mistakes(paths: list, labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: Path,
                   tile: int = 160) -> None:
     """A grid of misclassified photos titled "true -> predicted (probability)"; an empty grid says there were none."""
-    from catdog.plotting import save_photo_grid
+    from catdog.training.plotting import save_photo_grid
 
     captions = []
     for image_path, label, row in zip(paths, labels, probabilities):
@@ -223,7 +198,7 @@ def format_metrics(metrics: dict) -> str:
 
 
 def _pyplot():
-    from catdog.plotting import headless_pyplot
+    from catdog.training.plotting import headless_pyplot
 
     return headless_pyplot()
 
@@ -339,7 +314,7 @@ class _CachedHeadScorer:
             return self.model.head(torch.from_numpy(np.ascontiguousarray(features))).numpy()
 
     def score(self, paths: list, condition: str | None, tta: bool | None,
-              check_orientation: bool = True) -> tuple[np.ndarray, np.ndarray]:
+              check_orientation: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """As `Predictor.predict_batch` does on the photos: the first view, the orientation check (the photos that
         look turned read turned, from the cached features of their turned views), then the mirror view."""
         base = condition or "original"
@@ -382,7 +357,7 @@ class _PredictorScorer:
         self.predictor, self.batch_size = predictor, max(1, batch_size)
 
     def score(self, paths: list, condition: str | None, tta: bool | None,
-              check_orientation: bool = True) -> tuple[np.ndarray, np.ndarray]:
+              check_orientation: bool = False) -> tuple[np.ndarray, np.ndarray]:
         indices, arrays, probabilities = [], [], []
 
         def flush():

@@ -17,13 +17,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catdog.files import atomic_path, write_json_atomic
-from catdog.runs import MODEL_FILE, META_FILE, RunError, RunMeta, check_not_pickle, read_meta
+from catdog.runtime.files import atomic_path, write_json_atomic
+from catdog.runtime.runs import MODEL_FILE, META_FILE, RunError, RunMeta, check_not_pickle, read_meta
 
 if TYPE_CHECKING:
     import torch
 
-    from catdog.models import Classifier
+    from catdog.training.models import Classifier
 
 # torch, safetensors and the models are imported where they are used: reading a run's metadata (predict with a
 # cached ONNX file) then never pays for importing torch.
@@ -58,7 +58,7 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 def load_model(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Classifier, RunMeta]:
     """The best model of a run, in eval mode, with its metadata."""
-    from catdog.models import create_model
+    from catdog.training.models import create_model
 
     run_dir = Path(run_dir)
     check_not_pickle(run_dir)

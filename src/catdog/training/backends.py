@@ -14,20 +14,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from catdog.devices import resolve_device
-from catdog.distributed import all_gather_objects, init_from_environment, is_main_process, main_process_first, shard_indices, world_size
-from catdog.export import DeployableNetwork, exported_model_file, heatmap_offset, load_exportable
-from catdog.images import ImageLoadError
-from catdog.predict import (
+from catdog.training.devices import resolve_device
+from catdog.training.distributed import all_gather_objects, init_from_environment, is_main_process, shard_indices, world_size
+from catdog.training.export import DeployableNetwork, builtin_model_file, heatmap_offset, load_exportable, open_run_with_export
+from catdog.runtime.images import ImageLoadError
+from catdog.runtime.predict import (
     PredictConfig,
     PredictionOutcome,
     Predictor,
     collect_or_fail,
-    load_model_file,
     message_log,
     write_prediction_outputs,
 )
-from catdog.progress import progress_bar
+from catdog.runtime.model_file import load_model_file
+from catdog.runtime.progress import progress_bar
 
 
 class TorchNetwork:
@@ -51,7 +51,7 @@ class TorchNetwork:
 
 def load_torch_predictor(run: str | None, device: str | torch.device = "auto", ood_keep: float | None = None) -> Predictor:
     """A run's model (the built-in one when `run` is empty) in PyTorch on `device`."""
-    network, meta, _ = load_exportable(run)
+    network, meta = load_exportable(run)
     offset = heatmap_offset(network, meta.preprocess.input_size)
     torch_device = resolve_device(device) if isinstance(device, str) else device
     return Predictor(TorchNetwork(network, torch_device), meta, offset, run or "built-in", torch_device.type, ood_keep)
@@ -64,12 +64,12 @@ def load_run_predictor(run: str | None, backend: str = "auto", device: str = "au
     torch_device = resolve_device(device)
     if backend == "torch" or (backend == "auto" and torch_device.type == "cuda"):
         return load_torch_predictor(run, torch_device)
-    return load_model_file(exported_model_file(run, cache_dir))
+    return open_run_with_export(run, cache_dir) if run else load_model_file(builtin_model_file(cache_dir))
 
 
 def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
                                progress: Callable[[int], None] | None = None,
-                               check_orientation: bool = True) -> PredictionOutcome:
+                               check_orientation: bool = False) -> PredictionOutcome:
     """`Predictor.predict_files` shared by the ranks of a torchrun launch: each rank predicts a disjoint share of
     `paths` and every rank gets the whole outcome, in the order of `paths`, as one process would have it."""
     positions = shard_indices(len(paths))
@@ -96,21 +96,16 @@ def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batc
                              max(outcome.seconds for _, outcome in shares), ood_scores)
 
 
-def run_predict_across_ranks(config: PredictConfig, log: Callable[[str], None] | None = None) -> int:
-    """`catdog predict` under torchrun: the ranks predict disjoint shares of the files, and rank 0 writes what one
-    process would have written. Each rank runs the model on its own device (ONNX Runtime on a CPU, as one process
-    would; PyTorch on a GPU)."""
+def join_ranks(device: str) -> str:
+    """Join torchrun's process group; this rank's device ("cpu", or "cuda:N" for its local rank)."""
+    return str(init_from_environment(resolve_device(device)))
+
+
+def run_predict_across_ranks(config: PredictConfig, predictor: Predictor, log: Callable[[str], None] | None = None) -> int:
+    """`catdog predict` under torchrun (after `join_ranks`): the ranks predict disjoint shares of the files with
+    `predictor` (each rank's own, on its device), and rank 0 writes what one process would have written."""
     log = log or message_log(config)
     paths, left_out = collect_or_fail(config.paths)
-    device = init_from_environment(resolve_device(config.device))
-    with main_process_first():  # rank 0 exports the model file once; the others then find it in the cache
-        if config.backend == "torch" or (config.backend == "auto" and device.type == "cuda"):
-            if config.model:
-                raise ValueError("--backend torch runs a run directory (--run); an exported file runs on ONNX Runtime")
-            predictor = load_torch_predictor(config.run or None, device, config.ood_keep)
-        else:
-            predictor = load_model_file(config.model or exported_model_file(config.run or None, config.cache_dir or None),
-                                        ood_keep=config.ood_keep)
     main = is_main_process()
     if main:
         log(f"predicting {len(paths)} images with {predictor.describe()} in {world_size()} processes")

@@ -32,14 +32,15 @@ import torch
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from catdog import __version__
-from catdog import corruptions
-from catdog.datasets import collate_skipping_bad_images
-from catdog.export import export_onnx_module
-from catdog.files import atomic_path, default_cache_dir, settings_digest  # noqa: F401 (default_cache_dir: imported from here too)
-from catdog.images import ImageLoadError, load_image
-from catdog.inference import session_options
-from catdog.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
+from catdog.runtime.version import __version__
+from catdog.training import corruptions
+from catdog.training.datasets import collate_skipping_bad_images
+from catdog.training.export import export_onnx_module
+from catdog.runtime.files import atomic_path, default_cache_dir, settings_digest  # noqa: F401 (default_cache_dir: imported from here too)
+from catdog.runtime.batch_size import BatchSizeChoice, choose_batch_size
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.runtime.inference import session_options
+from catdog.runtime.transforms import EVAL_TRANSFORM_VERSION, Preprocess, eval_transform
 
 VIEWS = ("original", "flipped")
 DAMAGE_VERSION = 1  # part of a damaged view's cache key: bump when `corruptions.py` changes what it makes
@@ -60,6 +61,7 @@ class FeatureSet:
     seconds: float
     computed: int  # images that went through the backbone in this call (cache misses)
     not_reached: list[int] = field(default_factory=list)  # positions the deadline came before (NaN rows, not errors)
+    batch_size: BatchSizeChoice | None = None  # the backbone's batch size, when anything was computed
 
     def from_cache(self, total: int) -> int:
         return total - self.computed - len(self.errors) - len(self.not_reached)
@@ -167,15 +169,17 @@ class OnnxBackbone:
     """The backbone exported to ONNX and run by ONNX Runtime: about twice eager PyTorch's speed on a CPU.
     The export happens once per machine (cached); later runs never build the PyTorch backbone at all."""
 
+    backend = "onnxruntime"
+
     def __init__(self, backbone: Callable[[], torch.nn.Module], model_name: str, preprocess: Preprocess, cache_dir: Path):
         import onnxruntime  # imported here: only the ONNX backend needs it, and it adds 0.2 s to start-up
 
         path = cache_dir / "onnx" / f"{model_name}-backbone-{preprocess.input_size}-torch{torch.__version__}-{__version__}.onnx"
         if not path.is_file():
             export_onnx_module(backbone(), path, preprocess.input_size, output_names=("features",))
-        # As many threads as torch's pool: the decoder processes share the CPU with it.
-        self.session = onnxruntime.InferenceSession(str(path), session_options(max(1, torch.get_num_threads())),
-                                                    providers=["CPUExecutionProvider"])
+        # As many threads as torch's pool: the decoder process shares the CPU with it.
+        self.threads = max(1, torch.get_num_threads())
+        self.session = onnxruntime.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         (features,) = self.session.run(None, {"images": images.numpy()})
@@ -185,22 +189,41 @@ class OnnxBackbone:
 def make_backbone_runner(
     backbone: Callable[[], torch.nn.Module], model_name: str, preprocess: Preprocess, device: torch.device, backend: str,
     cache_dir: Path,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> "OnnxBackbone | TorchBackbone":
     """A function images -> features. backend: "onnxruntime", "torch" or "auto" (ONNX Runtime on CPU).
     `backbone` is a zero-argument function returning the module, called only when the module is needed."""
     if backend == "auto":
         backend = "onnxruntime" if device.type == "cpu" else "torch"
     if backend == "onnxruntime":
         return OnnxBackbone(lambda: backbone().eval(), model_name, preprocess, cache_dir)
-    backbone = backbone().eval().to(device, memory_format=torch.channels_last)
+    return TorchBackbone(backbone(), device)
+
+
+class TorchBackbone:
+    """The backbone in PyTorch on `device` (channels_last; mixed precision on CUDA)."""
+
+    backend = "torch"
+    threads = 0
+
+    def __init__(self, backbone: torch.nn.Module, device: torch.device):
+        self.module, self.device = backbone.eval().to(device, memory_format=torch.channels_last), device
 
     @torch.inference_mode()
-    def run(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            return backbone(images).float().cpu()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            return self.module(images).float().cpu()
 
-    return run
+
+def backbone_batch_size(runner, model_name: str, preprocess: Preprocess, device: torch.device, images: int,
+                        forced: int = 0, cache_dir: Path | None = None,
+                        log: Callable[[str], None] | None = None) -> BatchSizeChoice:
+    """The batch size the backbone extracts fastest at on this machine (`batch_size.choose_batch_size`)."""
+    size = preprocess.input_size
+    key = {"model": model_name, "input": size, "outputs": ["features"], "backend": runner.backend,
+           "threads": runner.threads}
+    return choose_batch_size(lambda batch: runner(torch.from_numpy(batch)), (3, size, size), key, images, forced,
+                             str(device), cache_dir, log=log)
 
 
 def extract_features(
@@ -213,7 +236,7 @@ def extract_features(
     device: torch.device = torch.device("cpu"),
     backend: str = "auto",
     cache_dir: Path | None = None,
-    batch_size: int = 64,
+    batch_size: int = 0,
     num_workers: int = 1,
     progress: Callable[[int], None] | None = None,
     deadline: float | None = None,
@@ -225,7 +248,8 @@ def extract_features(
 
     With a `deadline` (a time.perf_counter() value) the cache misses are computed in a seeded random order and the
     work stops after the batch that passes it: what was reached is an unbiased sample, it is cached, and a later
-    call continues with the rest. `compute_missing=False` only reads the cache: files not in it are "not reached"."""
+    call continues with the rest. `compute_missing=False` only reads the cache: files not in it are "not reached".
+    batch_size 0: the size the backbone runs fastest at on this machine (`backbone_batch_size`)."""
     started = time.perf_counter()
     cache_dir = cache_dir or default_cache_dir()
     caches = {view: FeatureCache(cache_folder(cache_dir, model_name, preprocess, view)) for view in views}
@@ -241,9 +265,12 @@ def extract_features(
     if deadline is not None:
         missing = [missing[i] for i in np.random.default_rng(seed).permutation(len(missing))]
     computed: dict[int, np.ndarray] = {}
+    choice = None
     processed = 0  # cache misses the loop has got to (computed or failed)
     if missing and compute_missing:
         runner = make_backbone_runner(backbone, model_name, preprocess, device, backend, cache_dir)
+        choice = backbone_batch_size(runner, model_name, preprocess, device, len(missing) * len(views), batch_size, cache_dir)
+        batch_size = choice.batch_size
         split = [split_view(view) for view in views]
         bases = list(dict.fromkeys(base for base, _, _ in split))
         dataset = _ImageBytesDataset([paths[i] for i in missing], eval_transform(preprocess), preprocess.resize_size,
@@ -283,7 +310,7 @@ def extract_features(
             features[i] = computed[i].astype(np.float16)
         elif digest is not None and all(digest in caches[v].vectors for v in views):
             features[i] = np.stack([caches[v].vectors[digest] for v in views]).astype(np.float32)
-    return FeatureSet(features, errors, time.perf_counter() - started, len(computed), sorted(missing[processed:]))
+    return FeatureSet(features, errors, time.perf_counter() - started, len(computed), sorted(missing[processed:]), choice)
 
 
 def _cached_dimension(caches: dict[str, FeatureCache]) -> int | None:

@@ -27,27 +27,28 @@ from typing import Callable
 import torch
 from torch import nn
 
-from catdog.audit import current_audit_errors
-from catdog.calibration import fit_temperature
-from catdog.checkpoint import load_training_state, save_model
-from catdog.data import DataError, LabelledImages, discover, stratified_split
-from catdog.devices import resolve_device
-from catdog.distributed import barrier, init_from_environment, is_main_process, world_size
-from catdog.exclusions import exclude_listed
-from catdog.files import write_csv_atomic, write_json_atomic
-from catdog.images import ImageLoadError
-from catdog.metrics import classification_metrics
-from catdog.ood import fit_out_of_distribution
-from catdog.models import create_model
-from catdog.probabilities import choose_mirror_threshold
-from catdog.runs import LAST_CHECKPOINT_FILE, RunMeta, read_meta
-from catdog.training.config import PRESETS, TrainConfig, resolve_preprocess, resolve_strategy, strategy_defaults
+from catdog.training.audit import current_audit_errors
+from catdog.training.calibration import fit_temperature
+from catdog.training.checkpoint import load_training_state, save_model
+from catdog.runtime.data import DataError, LabelledImages, discover, stratified_split
+from catdog.training.devices import resolve_device
+from catdog.training.distributed import barrier, init_from_environment, is_main_process, world_size
+from catdog.training.exclusions import exclude_listed
+from catdog.runtime.files import write_csv_atomic, write_json_atomic
+from catdog.runtime.images import ImageLoadError
+from catdog.training.metrics import classification_metrics
+from catdog.training.ood import fit_out_of_distribution
+from catdog.training.models import create_model
+from catdog.runtime.probabilities import choose_mirror_threshold
+from catdog.runtime.runs import LAST_CHECKPOINT_FILE, RunMeta, read_meta
+from catdog.training.config import PRESETS, TrainConfig
+from catdog.training.strategy import resolve_preprocess, resolve_strategy, strategy_defaults
 from catdog.training.finetune import finetune
 from catdog.training.head import train_head
 from catdog.training.loop import seed_everything
-from catdog.transforms import Preprocess
+from catdog.runtime.transforms import Preprocess
 
-# The command's public names: `from catdog.train import TrainConfig, train`, `catdog.train.PRESETS` (both defined
+# The command's public names: `from catdog.training.train import TrainConfig, train`, `catdog.training.train.PRESETS` (both defined
 # in catdog.training.config) keep working.
 __all__ = ["PRESETS", "TrainConfig", "TrainResult", "train"]
 

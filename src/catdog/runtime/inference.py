@@ -69,7 +69,8 @@ class OnnxNetwork:
         import onnxruntime
 
         self.path = Path(path)
-        self.session = onnxruntime.InferenceSession(str(path), session_options(threads), providers=execution_providers(device))
+        self.threads = threads or physical_cores()
+        self.session = onnxruntime.InferenceSession(str(path), session_options(self.threads), providers=execution_providers(device))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.outputs = tuple(output.name for output in self.session.get_outputs())
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -1,7 +1,7 @@
 """Grad-CAM: which part of a photo made the model decide (`catdog explain`, `POST /explain`, the report, the
 notebook). Runtime layer: NumPy and Pillow on the exported file's "class_maps" output, never torch.
 
-The exported file computes each class's Grad-CAM map in closed form (see `catdog.export`, which also checks it
+The exported file computes each class's Grad-CAM map in closed form (see `catdog.training.export`, which also checks it
 against autograd's in the tests). Here the map is upsampled to the model's input crop and placed where that crop
 lies in the photo, shifted by where a map cell really looks (`heatmap_offset`, measured at export), so the heatmap
 is over the photo as the user sees it. Runs validated with mirror-image averaging are explained the same way: the
@@ -21,12 +21,12 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from catdog.config import option
-from catdog.files import write_bytes_atomic, write_csv_atomic
-from catdog.images import ImageLoadError, load_image
-from catdog.predict import EXIT_SOME_FILES_FAILED, Predictor, collect_inputs
-from catdog.probabilities import softmax
-from catdog.runs import RunError
+from catdog.runtime.config import ExplainConfig
+from catdog.runtime.files import write_bytes_atomic, write_csv_atomic
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.runtime.predict import EXIT_SOME_FILES_FAILED, Predictor, collect_inputs
+from catdog.runtime.probabilities import softmax
+from catdog.runtime.runs import RunError
 
 OVERLAY_OPACITY = 0.5  # share of the heatmap colour in the overlay; the photo stays readable under it
 OVERLAY_MAX_SIDE = 800  # overlays of larger photos are scaled down to this longer side
@@ -76,7 +76,7 @@ class Explanation:
 
 
 def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = None, target: int | None = None,
-                  check_orientation: bool = True) -> Explanation:
+                  check_orientation: bool = False) -> Explanation:
     """Grad-CAM of `target` (default: the predicted class) for one RGB photo. A photo that `predict` would read
     turned a quarter (`Predictor.upright`) is explained turned the same way, and its map turned back onto it."""
     if not predictor.has_heatmaps:
@@ -143,25 +143,6 @@ def heatmap_overlay(photo: Image.Image, heatmap: np.ndarray, max_side: int = OVE
 
 
 # ---------------------------------------------------------------- the command
-
-
-@dataclass
-class ExplainConfig:
-    paths: list[str] = option([], "image files and/or folders (searched recursively)")
-    model: str = option("", "exported model file (model.onnx from `catdog export`)", metavar="FILE")
-    run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither: the built-in zero-training cat/dog model")
-    output: str = option("explanations", "folder for <photo>.gradcam.png and explanations.csv")
-    tta: bool | None = option(None, "explain the photo and its mirror image together; default: as the run was validated")
-    check_orientation: bool = option(True, "explain a photo that looks turned a quarter the way up predict reads it")
-    cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
-
-    def __post_init__(self):
-        if not self.paths:
-            raise ValueError("give at least one image file or folder")
-        if self.model and self.run:
-            raise ValueError("give --model or --run, not both")
-        if not self.output:
-            raise ValueError("--output must name a folder")
 
 
 def overlay_file_names(paths: Sequence[Path]) -> list[str]:

@@ -13,8 +13,6 @@ files that failed instead of stopping.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import os
 import re
 import sys
@@ -26,23 +24,19 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from catdog.config import option
-from catdog.data import DataError, broken_link_problem, describe_left_out, find_image_files
-from catdog.files import write_csv_atomic
-from catdog.images import ImageLoadError, load_image
-from catdog.probabilities import QUARTER_TURNS, OrientationCheck, softmax, threshold_keeping, uses_mirror_view
-from catdog.progress import progress_bar
-from catdog.runs import META_FILE, MODEL_FILE, OOD_FILE, RunError, RunMeta, check_not_pickle
-from catdog.transforms import eval_transform
+from catdog.runtime.config import PredictConfig
+from catdog.runtime.batch_size import BatchSizeChoice, choose_batch_size
+from catdog.runtime.data import DataError, broken_link_problem, describe_left_out, find_image_files
+from catdog.runtime.files import write_csv_atomic
+from catdog.runtime.images import ImageLoadError, load_image
+from catdog.runtime.probabilities import QUARTER_TURNS, OrientationCheck, softmax, threshold_keeping, uses_mirror_view
+from catdog.runtime.progress import progress_bar
+from catdog.runtime.runs import RunMeta
+from catdog.runtime.transforms import eval_transform
 
 ZERO_TRAINING_STRATEGY = "zero-training"
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
 
-# What an exported model file carries (ONNX metadata_props): the format name and version, the run's metadata as
-# JSON, where the heatmaps' cells look (see `export.heatmap_offset`), and the digest of the weights it was
-# exported from (so a run's model.onnx is used only while it matches the run's model.safetensors).
-MODEL_FORMAT = "catdog-model/1"
-EXPORTED_MODEL_FILE = "model.onnx"
 
 
 class Network(Protocol):
@@ -124,7 +118,7 @@ class Predictor:
         return uses_mirror_view(first_view_probabilities, tta, self.meta.tta, self.meta.mirror_below)
 
     def predict_batch(self, images: np.ndarray, tta: bool | None = None,
-                      check_orientation: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                      check_orientation: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated class probabilities [N, classes] for a preprocessed batch [N, 3, S, S] (see
         `uses_mirror_view`), and each photo's out-of-distribution score [N] (None without one), from its first view:
         the score compares a photo with the training photos as it came, not mirrored or turned. check_orientation:
@@ -169,28 +163,33 @@ class Predictor:
         turns[rows] = ks
         return images, logits, turns
 
-    def probabilities(self, images: np.ndarray, tta: bool | None = None, check_orientation: bool = True) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, tta: bool | None = None, check_orientation: bool = False) -> np.ndarray:
         """Calibrated class probabilities for a preprocessed batch [N, 3, S, S] (see `predict_batch`)."""
         return self.predict_batch(images, tta, check_orientation)[0]
 
-    def predict_pil(self, images: Sequence[Image.Image], tta: bool | None = None, check_orientation: bool = True) -> np.ndarray:
+    def predict_pil(self, images: Sequence[Image.Image], tta: bool | None = None, check_orientation: bool = False) -> np.ndarray:
         return self.probabilities(np.stack([self.transform(image) for image in images]), tta, check_orientation)
 
-    def default_batch_size(self) -> int:
-        # ONNX Runtime on a CPU is fastest a few photos at a time: a batch of 64 EfficientNet activations at 300 px
-        # outgrows the CPU caches (about 3x the cost per photo of 1), while 4 photos per batch beat 1 (2026-12-03,
-        # 500 photos at 500x375, quiet 2-core machine: default run 50.9 against 45.6 photos/s, fast preset 93-95
-        # against 83, the built-in model 56 against 51) and share one read of the out-of-distribution bank.
-        return 4 if self.backend == "onnxruntime" and self.device == "cpu" else 64
+    def batch_size(self, images: int | None = None, forced: int = 0, cache_dir: str | os.PathLike | None = None,
+                   log: Callable[[str], None] | None = None) -> BatchSizeChoice:
+        """The batch size to predict about `images` photos with (None: a server's stream): `forced`, else the size
+        this network runs fastest at on this machine (`batch_size.choose_batch_size`: measured once per machine,
+        then cached; a short job without a stored choice takes the default, 4 on a CPU and 64 on a GPU)."""
+        outputs = ("logits", "ood_score") if self.has_ood_score else ("logits",)
+        size = self.preprocess.input_size
+        key = {"model": self.meta.model_name, "classes": len(self.class_names), "input": size, "outputs": list(outputs),
+               "backend": self.backend, "threads": getattr(self.network, "threads", 0)}
+        return choose_batch_size(lambda images: self.network.run(images, outputs), (3, size, size), key, images,
+                                 forced, self.device, cache_dir, log=log)
 
     def predict_files(self, paths: Sequence[Path], batch_size: int = 0, tta: bool | None = None,
                       progress: Callable[[int], None] | None = None, decode_threads: int = 0,
-                      check_orientation: bool = True) -> PredictionOutcome:
+                      check_orientation: bool = False) -> PredictionOutcome:
         """Probabilities for every readable file in `paths`; unreadable ones are reported in `errors`.
-        batch_size 0: the backend's best. Decoding runs in threads overlapped with the network: decode_threads 0
+        batch_size 0: the fastest on this machine (`batch_size`). Decoding runs in threads overlapped with the network: decode_threads 0
         means one on a CPU (the network wants the cores) and up to 8 beside a GPU (which would otherwise wait)."""
         started = time.perf_counter()
-        batch_size = batch_size or self.default_batch_size()
+        batch_size = batch_size or self.batch_size(len(paths)).batch_size
         decode_threads = decode_threads or (1 if self.device == "cpu" else min(8, os.cpu_count() or 1))
         indices: list[int] = []
         chunks: list[np.ndarray] = []
@@ -212,75 +211,6 @@ class Predictor:
         if self.has_ood_score:
             ood_scores = np.concatenate(score_chunks) if score_chunks else np.zeros(0, dtype=np.float32)
         return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started, ood_scores)
-
-
-# ---------------------------------------------------------------- exported model files
-
-
-def model_file_metadata(metadata: dict[str, str], path: str | os.PathLike) -> tuple[RunMeta, tuple[float, float]]:
-    """The run metadata and heatmap offset stored in an exported file; RunError naming the file when it is not one."""
-    if metadata.get("catdog_format") != MODEL_FORMAT:
-        found = metadata.get("catdog_format") or ("an older catdog export" if "catdog_meta" in metadata else "no catdog metadata")
-        raise RunError(f"{path}: not a catdog {MODEL_FORMAT} model file ({found}); export it again with "
-                       "`catdog export --run RUN --out model.onnx` (needs catdog[train])")
-    try:
-        meta = RunMeta.from_dict(json.loads(metadata["catdog_meta"]))
-        offset = tuple(float(v) for v in json.loads(metadata.get("heatmap_offset", "[0, 0]")))
-    except (KeyError, TypeError, ValueError) as error:
-        raise RunError(f"{path}: unreadable catdog metadata ({error})") from error
-    return meta, (offset[0], offset[1])
-
-
-def load_model_file(path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
-                    ood_keep: float | None = None) -> Predictor:
-    """A predictor of an exported ONNX file (`catdog export`), on ONNX Runtime; `ood_keep` moves its
-    out-of-distribution threshold to keep that share of the run's validation photos."""
-    from catdog.inference import OnnxNetwork
-
-    check_not_pickle(path)
-    path = Path(path)
-    if path.is_dir():
-        raise RunError(f"{path}: expected an exported model file (model.onnx); for a run directory use --run")
-    if not path.is_file():
-        raise RunError(f"{path}: model file not found")
-    try:
-        network = OnnxNetwork(path, threads, device)
-    except Exception as error:  # onnxruntime raises its own error types for files it cannot read
-        raise RunError(f"{path}: not a readable ONNX model ({str(error).splitlines()[0][:200]})") from error
-    meta, offset = model_file_metadata(network.metadata, path)
-    return Predictor(network, meta, offset, str(path), network.device, ood_keep)
-
-
-def weights_digest(run: str | os.PathLike) -> str:
-    """The SHA-1 of what a run's export is made of: its weights file, its out-of-distribution bank
-    (`ood.safetensors`) when it has one, and its `meta.json` (preprocessing, temperature, thresholds: an export
-    carries them, so an edited meta.json must not be served from an old file). An export records it, so a stale
-    model.onnx is never used."""
-    digest = hashlib.sha1()
-    for name in (MODEL_FILE, OOD_FILE, META_FILE):
-        path = Path(run) / name
-        if name == OOD_FILE and not path.is_file():
-            continue
-        try:
-            digest.update(path.read_bytes())
-        except OSError as error:
-            raise RunError(f"{path}: cannot read what the export is made of ({error})") from error
-    return digest.hexdigest()
-
-
-def load_run_model_file(run: str | os.PathLike, threads: int | None = None, device: str = "cpu",
-                        ood_keep: float | None = None) -> Predictor | None:
-    """The predictor of a run's own exported file (`<run>/model.onnx`, written by `catdog export --run RUN`) when
-    it was exported from the run's current weights; None when there is none or it is stale."""
-    check_not_pickle(run)
-    path = Path(run) / EXPORTED_MODEL_FILE
-    if not path.is_file():
-        return None
-    predictor = load_model_file(path, threads, device, ood_keep)
-    recorded = predictor.network.metadata.get("weights_sha1")
-    if (Path(run) / MODEL_FILE).is_file() and recorded != weights_digest(run):
-        return None
-    return predictor
 
 
 def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, threads: int = 1):
@@ -318,37 +248,6 @@ def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_siz
 
 
 # ---------------------------------------------------------------- the command
-
-
-@dataclass
-class PredictConfig:
-    paths: list[str] = option([], "image files and/or folders (searched recursively)")
-    model: str = option("", "exported model file (model.onnx from `catdog export`): all that prediction needs", metavar="FILE")
-    run: str = option("", "run directory (its model.onnx, or exported on the fly with catdog[train]); neither --model nor --run: the built-in zero-training cat/dog model")
-    output: str = option("predictions.csv", "CSV of path,label,confidence,prob_<class>...; -: standard output (messages go to standard error)")
-    submission: str = option("", "also write a Kaggle submission CSV (id,label = probability of dog)")
-    errors: str = option("", "CSV listing files that could not be read; empty: <output>.errors.csv (none with --output -)")
-    clip: float = option(0.005, "submission: clip probabilities to [clip, 1 - clip] (bounds the log-loss penalty)")
-    tta: bool | None = option(None, "test-time augmentation (average over the image and its mirror image); default: as the run was validated")
-    check_orientation: bool = option(True, "read a photo that looks turned a quarter (no EXIF) the way up the network reads best; checks about 2% of ordinary photos (runs trained by catdog >= 0.5)")
-    ood_keep: float | None = option(None, "say \"neither\" above the out-of-distribution score that keeps this share of the run's validation photos; default: the run's threshold (99%)")
-    backend: str = option("auto", "auto (ONNX Runtime; PyTorch on a CUDA machine with catdog[train]), torch or onnxruntime", choices=("auto", "torch", "onnxruntime"))
-    batch_size: int = option(0, "images per inference batch; 0: the backend's best (4 for ONNX Runtime on a CPU, 64 otherwise)")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    cache_dir: str = option("", "where models exported on the fly are kept; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    progress: bool = option(True, "show a progress bar")
-
-    def __post_init__(self):
-        if not self.paths:
-            raise ValueError("give at least one image file or folder")
-        if self.model and self.run:
-            raise ValueError("give --model or --run, not both")
-        if not 0.0 <= self.clip < 0.5:
-            raise ValueError("--clip must be in [0, 0.5)")
-        if self.batch_size < 0:
-            raise ValueError("--batch-size must be 0 (automatic) or more")
-        if self.ood_keep is not None and not 0.0 < self.ood_keep <= 1.0:
-            raise ValueError("--ood-keep must be in (0, 1]")
 
 
 # Left out without a word: a folder's hidden files and non-image names are not meant as input.
@@ -402,9 +301,10 @@ def run_predict(config: PredictConfig, predictor: Predictor, log: Callable[[str]
     training layer's `backends.run_predict_across_ranks` shares the files among the processes instead.)"""
     log = log or message_log(config)
     paths, left_out = collect_or_fail(config.paths)
-    log(f"predicting {len(paths)} images with {predictor.describe()}")
+    choice = predictor.batch_size(len(paths), config.batch_size, config.cache_dir or None, log)
+    log(f"predicting {len(paths)} images with {predictor.describe()}, {choice.describe()}")
     with progress_bar(config.progress, len(paths), "predict", leave=True) as bar:
-        outcome = predictor.predict_files(paths, config.batch_size, config.tta, bar.update,
+        outcome = predictor.predict_files(paths, choice.batch_size, config.tta, bar.update,
                                           check_orientation=config.check_orientation)
     return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,
                                     predictor.in_distribution(outcome.ood_scores))

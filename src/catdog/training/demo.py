@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from catdog.evaluate import EvaluateConfig, evaluate_run
-from catdog.export import ExportConfig, run_export
-from catdog.inspect_data import InspectConfig, inspect_data
-from catdog.predict import PredictConfig, load_model_file, run_predict
-from catdog.train import TrainConfig, train
+from catdog.training.evaluate import EvaluateConfig, evaluate_run
+from catdog.training.export import ExportConfig, run_export
+from catdog.training.inspect_data import InspectConfig, inspect_data
+from catdog.runtime.predict import PredictConfig, run_predict
+from catdog.runtime.model_file import load_model_file
+from catdog.training.train import TrainConfig, train
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """From a network's outputs to the answers a user sees: temperature-scaled probabilities, the rule that decides
 which photos also get their mirror image, which are checked for a quarter turn, and the out-of-distribution
-threshold. Runtime layer (NumPy only): `catdog.predict` applies these rules to every
+threshold. Runtime layer (NumPy only): `catdog.runtime.predict` applies these rules to every
 photo, and training chooses their thresholds on the validation split with the same functions, so the two can never
 disagree.
 """

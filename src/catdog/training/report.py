@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog.runs import RunMeta, check_not_pickle, read_meta
-from catdog.backends import load_run_predictor
-from catdog.config import option
-from catdog.explain import explain_photo
-from catdog.files import write_text_atomic
-from catdog.images import ImageLoadError, load_image
+from catdog.training.config import ReportConfig
+from catdog.runtime.runs import RunMeta, check_not_pickle, read_meta
+from catdog.training.backends import load_run_predictor
+from catdog.runtime.explain import explain_photo
+from catdog.runtime.files import write_text_atomic
+from catdog.runtime.images import ImageLoadError, load_image
 
 SECTIONS = {  # id: title, in page order (the browser test checks each one)
     "summary": "Summary",
@@ -46,33 +46,6 @@ SECTIONS = {  # id: title, in page order (the browser test checks each one)
     "label-issues": "Likely label errors in the training data",
 }
 THUMBNAIL_SIDE = 200
-
-
-@dataclass
-class ReportConfig:
-    run: str = option("", "run directory made by `catdog train`")
-    data: str = option("", "labelled data to report on; empty: the run's own validation split")
-    output: str = option("report.html", "the HTML file to write")
-    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    mistakes: int = option(8, "how many of the most confidently wrong photos to show with Grad-CAM overlays")
-    samples: int = option(12, "how many photos the sample grid shows")
-    label_issues: str = option("", "label_issues.csv of `catdog data issues`; empty: <run>/label_issues.csv, else found now")
-    find_label_issues: bool = option(True, "search the run's data for label errors when no label_issues.csv is at hand")
-    issues_shown: int = option(12, "how many likely label errors to show")
-    bootstrap: int = option(1000, "bootstrap resamples for the metrics' 95% intervals")
-    device: str = option("auto", "where Grad-CAM and the label-error search run: auto, cpu, cuda or cuda:N")
-    seed: int = option(0, "seed of the sample grid and the bootstrap")
-    ood_data: str = option("", "a folder of photos showing none of the classes: the Saying neither section measures the run's out-of-distribution score against them (evaluate --ood-data)", metavar="DIR")
-    corruptions: bool = option(True, "the Damaged photos section: accuracy and log loss under common damage (evaluate --corruptions), run now when the evaluation has none (minutes on a CPU for a large validation split)")
-
-    def __post_init__(self):
-        if not self.run:
-            raise ValueError("--run is required")
-        for name in ("mistakes", "samples", "issues_shown"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
-        if self.bootstrap < 100:
-            raise ValueError("--bootstrap must be at least 100")
 
 
 @dataclass
@@ -98,7 +71,7 @@ def evaluation_folder(run_dir: Path, config: ReportConfig) -> Path:
 
 def current_evaluation(run_dir: Path, config: ReportConfig, log=print) -> tuple[Path, dict, object]:
     """The evaluation of this run on this data (folder, metrics, images), run now if missing or stale."""
-    from catdog.evaluate import EvaluateConfig, evaluate_run, evaluation_images
+    from catdog.training.evaluate import EvaluateConfig, evaluate_run, evaluation_images
 
     images, description = evaluation_images(run_dir, config.data, config.layout)
     folder = evaluation_folder(run_dir, config)
@@ -178,7 +151,7 @@ def resampled_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     resamples on a busy machine. tests/test_report.py checks each against scikit-learn."""
     from scipy.stats import rankdata
 
-    from catdog.calibration import expected_calibration_error
+    from catdog.training.calibration import expected_calibration_error
 
     classes = probabilities.shape[1]
     predictions = probabilities.argmax(axis=1)
@@ -312,7 +285,7 @@ def summary_section(run_dir: Path, meta: RunMeta, train_config: dict, split: dic
 def training_curves_section(history: list[dict]) -> str:
     if not history:
         return "<p>No history.csv in the run.</p>"
-    from catdog.evaluate import _pyplot
+    from catdog.training.evaluate import _pyplot
 
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
@@ -365,7 +338,7 @@ def calibration_section(evaluation: Path, metrics: dict, temperature: float) -> 
 
 def damaged_photos_evaluation(run_dir: Path, config: ReportConfig, evaluation: Path, log=print) -> dict:
     """The evaluation's metrics with its damaged-photos table, added now (`evaluate.add_corruptions`)."""
-    from catdog.evaluate import EvaluateConfig, add_corruptions
+    from catdog.training.evaluate import EvaluateConfig, add_corruptions
 
     log("report: the evaluation has no damaged-photos table; running evaluate --corruptions")
     return add_corruptions(EvaluateConfig(run=str(run_dir), data=config.data, out=str(evaluation), layout=config.layout,
@@ -408,7 +381,7 @@ def damaged_photos_section(evaluation: Path, metrics: dict) -> str:
         f"({escape(summary['worst_kind'])}), mean log loss {summary['mean_log_loss']:.4f}</li>"
         for level in ("strong", "mild") if (summary := table_data.get(f"{level}_summary")))
     text = (f"<p>The {table_data['photos']} evaluated photos under common damage (after ImageNet-C; "
-            "<code>catdog/corruptions.py</code> states each severity and why), each photo's damage seeded by its "
+            "<code>catdog/training/corruptions.py</code> states each severity and why), each photo's damage seeded by its "
             f"content; mirror view: {escape(table_data['mirror_view'])}. The same photos clean: accuracy "
             f"{clean['accuracy']:.4f}, log loss {clean['log_loss']:.4f}.</p><ul>{summaries}</ul>")
     return (text + table(["damage", "severity", "setting", "accuracy", "log loss"], rows, "damaged")
@@ -440,7 +413,7 @@ def samples_section(scored: Scored, class_names: list[str], count: int, seed: in
 
 
 def mistakes_section(scored: Scored, class_names: list[str], count: int, run_dir: Path, device: str) -> str:
-    from catdog.evaluate import most_confident_mistakes
+    from catdog.training.evaluate import most_confident_mistakes
     mistakes = most_confident_mistakes(scored.labels, scored.probabilities, count)
     if not len(mistakes):
         return "<p>No photo was misclassified.</p>"
@@ -476,8 +449,8 @@ def label_issue_rows(run_dir: Path, config: ReportConfig, split: dict, train_con
         raise FileNotFoundError(f"{config.label_issues}: no such label issues file")
     if not config.find_label_issues or not split:
         return [], ""
-    from catdog.data import DataError
-    from catdog.label_issues import find_label_issues, write_label_issues_csv
+    from catdog.runtime.data import DataError
+    from catdog.training.label_issues import find_label_issues, write_label_issues_csv
 
     preset = train_config.get("preset", "default")
     log(f"report: looking for label errors in {split['data']} (out-of-fold heads on the {preset} preset's features)")
@@ -540,7 +513,7 @@ def render_page(title: str, sections: dict[str, str], footer: str) -> str:
 
 def build_report(config: ReportConfig, log=print) -> Path:
     """Write the report; return its path."""
-    from catdog import __version__
+    from catdog.runtime.version import __version__
 
     started = time.perf_counter()
     run_dir = Path(config.run)

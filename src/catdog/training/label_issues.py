@@ -10,7 +10,7 @@ cleanlab flags the photos it counts as label issues, ranked by self-confidence (
 label, lowest first); every other photo follows by the same measure, so the CSV is a complete ranking, most
 suspicious first. `catdog train --exclude label_issues.csv` leaves out the flagged rows (`label_issue` = 1) and
 `--exclude` also takes a plain list of paths (like `data audit`'s quarantine.txt); reading those lists is
-`catdog.exclusions`.
+`catdog.training.exclusions`.
 """
 
 from __future__ import annotations
@@ -21,42 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog.config import option
-from catdog.data import DataError, LabelledImages, default_num_workers, discover
-from catdog.devices import resolve_device
-from catdog.features import default_cache_dir, extract_features
-from catdog.files import write_csv_atomic
-from catdog.images import ImageLoadError
-from catdog.models import create_model
-from catdog.plotting import save_photo_grid
-from catdog.progress import progress_bar
-from catdog.training.config import TrainConfig, resolve_preprocess
+from catdog.training.config import LabelIssuesConfig
+from catdog.runtime.data import DataError, LabelledImages, default_num_workers, discover
+from catdog.training.devices import resolve_device
+from catdog.training.features import default_cache_dir, extract_features
+from catdog.runtime.files import write_csv_atomic
+from catdog.runtime.images import ImageLoadError
+from catdog.training.models import create_model
+from catdog.training.plotting import save_photo_grid
+from catdog.runtime.progress import progress_bar
+from catdog.training.config import TrainConfig
+from catdog.training.strategy import resolve_preprocess
 
 CSV_COLUMNS = ["path", "given_label", "suggested_label", "given_label_probability", "label_issue"]
-
-
-@dataclass
-class LabelIssuesConfig:
-    data: str = option("", "labelled data set: a folder (Kaggle flat, class sub-folders) or a CSV manifest")
-    preset: str = option("default", "the features of this `catdog train` preset (fast: Lite0 at 224 px; default: Lite2 at 300 px)", choices=("fast", "default"))
-    output: str = option("label_issues.csv", "CSV of every photo, most suspicious first; the grid goes beside it as <name>.png")
-    folds: int = option(5, "k: out-of-fold probabilities from k heads, each trained on the other folds")
-    shown: int = option(24, "how many of the most suspicious photos the PNG grid shows")
-    layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    seed: int = option(42, "random seed of the folds")
-    device: str = option("auto", "where the backbone runs on a feature-cache miss: auto, cpu, cuda or cuda:N")
-    cache_dir: str = option("", "feature cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
-    progress: bool = option(True, "show a progress bar while features are computed")
-
-    def __post_init__(self):
-        if not self.data:
-            raise ValueError("give a labelled data folder or manifest")
-        if self.folds < 2:
-            raise ValueError(f"--folds must be at least 2, got {self.folds}")
-        if self.shown < 0:
-            raise ValueError(f"--shown must be >= 0, got {self.shown}")
-        if not self.output.lower().endswith(".csv"):
-            raise ValueError(f"--output must be a .csv file, got {self.output!r}")
 
 
 @dataclass

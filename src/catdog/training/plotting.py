@@ -24,8 +24,8 @@ def save_photo_grid(photos: Sequence[tuple[str | Path, str]], path: Path, title:
                     tile: int = 160) -> None:
     """A PNG grid of photos (up to 6 a row), each titled with its caption; an unreadable photo is drawn as a note,
     an empty list as `empty_text`. Written atomically."""
-    from catdog.files import write_with_atomic
-    from catdog.images import ImageLoadError, load_image
+    from catdog.runtime.files import write_with_atomic
+    from catdog.runtime.images import ImageLoadError, load_image
 
     plt = headless_pyplot()
     columns = max(1, min(6, len(photos)))
