@@ -238,14 +238,15 @@ def stop(server: subprocess.Popen) -> None:
             server.wait(30)
 
 
-def predict_once(side: Side, photo: Path, scratch: Path) -> float:
-    output = scratch / f"predict-{side.name}.csv"
+def predict_once(side: Side, photo: Path, scratch: Path) -> tuple[float, float]:
+    """(seconds from start to CSV, peak RSS in MB) of `catdog predict` on one photo (GNU time's %M)."""
+    output, peak = scratch / f"predict-{side.name}.csv", scratch / f"predict-{side.name}.rss"
     output.unlink(missing_ok=True)
-    seconds = run([*side.catdog, "predict", str(photo), *side.model_arguments, "--output", str(output)], side.env,
-                  scratch, f"{side.name}: catdog predict")
+    seconds = run(["/usr/bin/time", "-f", "%M", "-o", str(peak), *side.catdog, "predict", str(photo),
+                   *side.model_arguments, "--output", str(output)], side.env, scratch, f"{side.name}: catdog predict")
     if not output.is_file():
         raise RuntimeError(f"{side.name}: catdog predict wrote no CSV")
-    return seconds
+    return seconds, int(peak.read_text().split()[-1]) / 1024
 
 
 def measure(side: Side, photo: Path, repeats: int, requests: int, scratch: Path, servers: list) -> dict:
@@ -257,21 +258,28 @@ def measure(side: Side, photo: Path, repeats: int, requests: int, scratch: Path,
     starts = [serve_once(side, photo, requests, scratch, servers) for _ in range(repeats)]
     for key in ("ready_s", "rss_rest_mb", "rss_after_mb"):
         figures[key] = statistics.median(start[key] for start in starts)
-    figures["predict_s"] = statistics.median(predict_once(side, photo, scratch) for _ in range(repeats))
+    predictions = [predict_once(side, photo, scratch) for _ in range(repeats)]
+    figures["predict_s"] = statistics.median(seconds for seconds, _ in predictions)
+    figures["predict_rss_mb"] = statistics.median(peak for _, peak in predictions)
+    figures["help_s"] = statistics.median(run([*side.catdog, "--help"], side.env, scratch, f"{side.name}: catdog --help")
+                                          for _ in range(repeats))
     return figures
 
 
-def print_table(baseline: dict, runtime: dict, requests: int, repeats: int, run_dir: Path, model: Path) -> None:
+def print_table(baseline: dict, runtime: dict, requests: int, repeats: int, run_dir: Path, model: Path,
+                baseline_name: str = f"baseline {BASELINE_COMMIT} (full .venv, --run)") -> None:
     rows = [
         ("environment on disk (MB)", "size_mb", "{:.0f}"),
         (f"serve: start to first 200 from /ready (s, median of {repeats})", "ready_s", "{:.2f}"),
         ("serve: RSS at rest (MB)", "rss_rest_mb", "{:.0f}"),
         (f"serve: RSS after {requests} /predict (MB)", "rss_after_mb", "{:.0f}"),
         (f"predict, one photo, start to CSV (s, median of {repeats})", "predict_s", "{:.2f}"),
+        ("predict, one photo, peak RSS (MB)", "predict_rss_mb", "{:.0f}"),
+        (f"catdog --help (s, median of {repeats})", "help_s", "{:.2f}"),
     ]
     print()
     print(f"run {run_dir}; runtime model {model} ({model.stat().st_size / 2**20:.1f} MB); {os.cpu_count()} cores")
-    print(f"| | baseline {BASELINE_COMMIT} (full .venv, --run) | runtime (no extras, --model) | runtime / baseline |")
+    print(f"| | {baseline_name} | runtime (no extras, --model) | runtime / baseline |")
     print("|---|---:|---:|---:|")
     for title, key, number in rows:
         ratio = runtime[key] / baseline[key] if baseline[key] else float("nan")
@@ -288,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-venv", type=Path, help="an existing runtime-only venv (default: a fresh one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--against", choices=("commit", "full-install"), default="commit",
+                        help=f"commit: the baseline {BASELINE_COMMIT} from its worktree, --run RUN; full-install: this "
+                             "checkout in the full .venv (catdog[all]), --model model.onnx, as issue 24 asks")
     arguments = parser.parse_args(argv)
     if arguments.run is None and not arguments.make_run:
         parser.error("give --run RUN (a trained run) or --make-run")
@@ -324,13 +335,19 @@ def main(argv: list[str] | None = None) -> int:
         baseline_env["PYTHONPATH"] = str(worktree / "src")
         baseline = Side("baseline", [str(FULL_VENV / "bin" / "python"), "-m", "catdog.cli"], baseline_env,
                         ["--run", str(run_dir)], FULL_VENV)
+        baseline_name = f"baseline {BASELINE_COMMIT} (full .venv, --run)"
+        if arguments.against == "full-install":
+            full_env = base_environment(scratch / "cache-full")
+            baseline = Side("full", [str(FULL_VENV / "bin" / "catdog")], full_env, ["--model", str(model)], FULL_VENV)
+            baseline_name = "this checkout, full install (--model)"
         runtime_env = base_environment(scratch / "cache-runtime")
         runtime_env["PATH"] = os.pathsep.join([str(venv / "bin"), runtime_env.get("PATH", "")])
         runtime = Side("runtime", [str(venv / "bin" / "catdog")], runtime_env, ["--model", str(model)], venv)
 
         figures = {side.name: measure(side, photo, arguments.repeats, arguments.requests, scratch, servers)
                    for side in (baseline, runtime)}
-        print_table(figures["baseline"], figures["runtime"], arguments.requests, arguments.repeats, run_dir, model)
+        print_table(figures[baseline.name], figures["runtime"], arguments.requests, arguments.repeats, run_dir, model,
+                    baseline_name)
         return 0
     finally:
         for server in servers:

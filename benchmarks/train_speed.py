@@ -5,7 +5,8 @@ invocation on the machine at hand (issue 24).
 
 The baseline is checked out into a temporary git worktree and run from its own sources (PYTHONPATH) with this
 virtual environment; the current tree runs as installed. Rounds alternate baseline and current, each with a fresh
-cache folder. Prints wall time, the feature extraction's time and views/s, the batch size chosen, the validation
+cache folder. The baseline runs twice a round: as it was (its default preset filtered noisy photos) and with
+`--denoise-above 0`, the preprocessing the current default uses. Prints wall time, the feature extraction's time and views/s, the batch size chosen, the validation
 accuracy and log loss of each, the ratios, and the network's own best forward rate on this machine (ONNX Runtime on
 random images, the backbone the extraction runs), so the extraction's share of it.
 """
@@ -26,13 +27,13 @@ from common import ROOT, machine_description, require_shared_data, run_timed
 FEATURES_LINE = re.compile(r"features: (\d+) images x (\d+) views at \d+ px in ([\d.]+) s \((\d+) computed")
 
 
-def train_once(label: str, data: Path, scratch: Path, source: Path | None) -> dict:
+def train_once(label: str, data: Path, scratch: Path, source: Path | None, extra: list[str]) -> dict:
     cache, out = scratch / f"cache-{label}", scratch / f"run-{label}"
     env = {"CATDOG_CACHE": str(cache)}
     if source is not None:
         env["PYTHONPATH"] = str(source / "src")
     seconds, output = run_timed([sys.executable, "-m", "catdog.cli", "train", "--data", str(data), "--out", str(out),
-                                 "--no-progress"], env)
+                                 "--no-progress", *extra], env)
     found = FEATURES_LINE.search(output)
     images, views, extraction, computed = (int(found[1]), int(found[2]), float(found[3]), int(found[4])) if found else (0, 0, 0.0, 0)
     meta = json.loads((out / "meta.json").read_text())
@@ -71,19 +72,24 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             results = []
+            # The baseline as it was (its default preset filtered noisy photos) and with the filter off, the current
+            # default, so the speed is compared on the same preprocessing too.
+            sides = [("baseline", worktree, []), ("baseline-nofilter", worktree, ["--denoise-above", "0"]),
+                     ("current", None, [])]
             for round_number in range(arguments.rounds):
-                for label, source in (("baseline", worktree), ("current", None)):
-                    result = train_once(f"{label}-{round_number}", data, scratch, source)
+                for label, source, extra in sides:
+                    result = train_once(f"{label}-{round_number}", data, scratch, source, extra)
                     results.append(result)
                     print(f"{result['label']:>12}: {result['seconds']:6.1f} s; extraction {result['extraction_seconds']:6.1f} s "
                           f"at {result['views_per_second']:5.1f} views/s ({result['batch_size']}); "
                           f"validation {result['accuracy']:.2%}, log loss {result['log_loss']:.4f}", flush=True)
-            current = [r for r in results if r["label"].startswith("current")]
-            baseline = [r for r in results if r["label"].startswith("baseline")]
+            current = [r for r in results if r["label"].startswith("current-")]
             mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-            print(f"cold train time: current / baseline = {mean(current, 'seconds') / mean(baseline, 'seconds'):.3f}; "
-                  f"extraction views/s current / baseline = "
-                  f"{mean(current, 'views_per_second') / mean(baseline, 'views_per_second'):.3f}")
+            for name in ("baseline", "baseline-nofilter"):
+                baseline = [r for r in results if r["label"].startswith(name + "-")]
+                print(f"cold train time: current / {name} = {mean(current, 'seconds') / mean(baseline, 'seconds'):.3f}; "
+                      f"extraction views/s current / {name} = "
+                      f"{mean(current, 'views_per_second') / mean(baseline, 'views_per_second'):.3f}")
             rates = network_best_rate(current[-1]["cache"], current[-1]["model"], current[-1]["size"])
             best = max(rates.values())
             print("network alone, images/s by batch size: " + ", ".join(f"{s}: {r:.1f}" for s, r in rates.items())

@@ -237,6 +237,6 @@ def test_the_builtin_models_cached_file_changes_with_its_preprocessing(monkeypat
     monkeypatch.setattr(export_module, "write_model_file", lambda network, meta, path: (written.append(path), path.touch()))
     first = builtin_model_file(tmp_path)
     assert builtin_model_file(tmp_path) == first and written == [first]  # made once, then reused
-    monkeypatch.setattr(export_module, "zero_training_preprocess", lambda: replace(zero_training_preprocess(), denoise_above=None))
+    monkeypatch.setattr(export_module, "zero_training_preprocess", lambda: replace(zero_training_preprocess(), denoise_above=DENOISE_ABOVE))
     second = builtin_model_file(tmp_path)
     assert second != first and written == [first, second]

@@ -183,7 +183,8 @@ def test_a_small_data_set_is_told_that_neither_is_unreliable(tmp_path, train_pho
 
 
 def test_the_default_preset_denoises_the_fast_one_not_and_zero_turns_it_off():
-    assert resolve_preprocess(TrainConfig(data="photos"), "head").denoise_above == DENOISE_ABOVE
+    assert resolve_preprocess(TrainConfig(data="photos"), "head").denoise_above is None  # off by default (issue 24)
+    assert resolve_preprocess(TrainConfig(data="photos", denoise_above=DENOISE_ABOVE), "head").denoise_above == DENOISE_ABOVE
     assert resolve_preprocess(TrainConfig(data="photos", preset="fast"), "head").denoise_above is None
     assert resolve_preprocess(TrainConfig(data="photos", preset="fast", denoise_above=10), "head").denoise_above == 10
     assert resolve_preprocess(TrainConfig(data="photos", model="resnet18"), "head").denoise_above is None  # unmeasured

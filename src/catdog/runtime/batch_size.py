@@ -32,7 +32,7 @@ CPU_CANDIDATES = (1, 2, 4, 8, 16, 32)
 GPU_CANDIDATES = (8, 16, 32, 64, 128)
 UNMEASURED_BATCH_SIZE = {"cpu": 4, "cuda": 64}  # before any measurement (see `measure_from`)
 MEASURE_FROM = 200  # images a job must have before it spends the seconds a measurement takes
-SECONDS_PER_CANDIDATE = 0.3
+SECONDS_PER_CANDIDATE = 0.5
 # CPU features that change which kernels ONNX Runtime (and PyTorch) run, so also which batch size is fastest.
 KERNEL_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                 "amx_int8", "amx_bf16", "asimd", "sve")
@@ -81,23 +81,32 @@ def machine_fingerprint(device: str = "cpu") -> dict:
 
 def measure_rates(run: Callable[[np.ndarray], object], image_shape: tuple[int, int, int], candidates: tuple[int, ...],
                   seconds: float = SECONDS_PER_CANDIDATE) -> dict[int, float]:
-    """Images per second of `run` at each batch size, on random images of `image_shape` (one warm-up pass each,
-    then passes until `seconds` have gone by, at least two). Stops early once two sizes in a row are well below
-    the best so far: larger batches only get slower past the caches."""
+    """Images per second of `run` at each batch size, on random images of `image_shape`: one warm-up pass per size,
+    then passes until `seconds` have gone by (at least two). A second round times again every size within 80% of
+    the best, and each keeps its better rate, so a moment of load elsewhere on the machine does not pick the size.
+    The first round stops early once two sizes in a row are below half the best so far: past the caches larger
+    batches only get slower."""
     images = np.random.default_rng(0).standard_normal((max(candidates), *image_shape), dtype=np.float32)
-    rates: dict[int, float] = {}
-    worse_in_a_row = 0
-    for size in candidates:
+
+    def rate(size: int) -> float:
         batch = np.ascontiguousarray(images[:size])
         run(batch)  # warm-up: memory patterns, lazy kernel choice
         passes, started = 0, time.perf_counter()
         while passes < 2 or time.perf_counter() - started < seconds:
             run(batch)
             passes += 1
-        rates[size] = size * passes / (time.perf_counter() - started)
-        worse_in_a_row = worse_in_a_row + 1 if rates[size] < 0.85 * max(rates.values()) else 0
-        if worse_in_a_row == 2:
+        return size * passes / (time.perf_counter() - started)
+
+    rates: dict[int, float] = {}
+    slow_in_a_row = 0
+    for size in candidates:
+        rates[size] = rate(size)
+        slow_in_a_row = slow_in_a_row + 1 if rates[size] < 0.5 * max(rates.values()) else 0
+        if slow_in_a_row == 2:
             break
+    best = max(rates.values())
+    for size in [size for size, value in rates.items() if value >= 0.8 * best]:
+        rates[size] = max(rates[size], rate(size))
     return rates
 
 

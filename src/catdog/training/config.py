@@ -12,7 +12,6 @@ from pathlib import Path
 
 from catdog.runtime.images import DEFAULT_MAX_PIXELS
 from catdog.runtime.options import option
-from catdog.runtime.transforms import DENOISE_ABOVE
 
 PRESETS = {
     # Measured on the 6,000 shared Kaggle photos, 80/20 split, 2-core CPU (BENCHMARKS.md, 2026-11-28):
@@ -25,12 +24,14 @@ PRESETS = {
     # 0.0215) for about 1.2x a cold run's extraction; 1 and 2 copies add little more (97.66%, 97.70%). A linear head
     # on frozen features cannot undo sideways photos (94%) or heavy noise (96%), so the option is there
     # (`--damage-views 0.5`) but a clean photo's answer is not made worse by default (BENCHMARKS.md, "Damaged photos").
-    # denoise_above: the noise filter (`transforms.DENOISE_ABOVE`) helps Lite2 at 300 px on noisy photos and hurts
-    # Lite0 at 224 px (BENCHMARKS.md, "Damaged photos"), so only the default preset filters, and only with its own
-    # model (another --model has it off unless --denoise-above says otherwise); 0: off.
+    # denoise_above: the noise filter (`transforms.DENOISE_ABOVE`) is off in both presets. Chosen on the 200 px
+    # validation photos it helped Lite2 at 300 px on sigma-25 noise (95.3% -> 96.5%), but on the 800 original-size
+    # photos it was not chosen on it did harm: strong noise 97.25% / log loss 0.092 -> 96.37% / 0.119 at test time,
+    # one photo confidently wrong (cat 0.56 -> dog 0.97), clean log loss slightly worse (BENCHMARKS.md, "Defaults on
+    # original-size photos"). `--denoise-above 10` turns it on.
     "fast": {"model": "efficientnet_lite0", "flip": True, "feature_image_size": 0, "damage_views": 0.0, "denoise_above": 0.0},
     "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300, "damage_views": 0.0,
-                "denoise_above": DENOISE_ABOVE},
+                "denoise_above": 0.0},
 }
 # history.csv: one row per epoch, written by `loop.Tracker`
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"]
@@ -65,7 +66,7 @@ class TrainConfig:
     val_fraction: float = option(0.2, "fraction of each class held out for validation")
     seed: int = option(42, "random seed (split, initialisation, shuffling, augmentation)")
     layout: str = option("auto", "data layout", choices=("auto", "kaggle", "folders", "csv"))
-    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/runtime/transforms.py); 0: off; default from preset (default: 10 with its own model, fast: off)")
+    denoise_above: float | None = option(None, "a photo whose estimated sensor noise (grey levels of 255) is above this gets a 3x3 median filter before resizing, in training and in every prediction (it travels with the run; see catdog/runtime/transforms.py); 0: off (the default: it harmed original-size noisy photos; see BENCHMARKS.md); 10 is the measured setting")
     image_size: int = option(0, "input size in pixels; 0: the preset's feature size for the head strategy with the preset's model (default preset: 300), else the model's own")
     num_workers: int = option(-1, "data-loading worker processes; -1: automatic")
     feature_batch_size: int = option(0, "head strategy: images per backbone batch when extracting features; 0: the size the backbone runs fastest at on this machine (measured once per model and machine, from 200 images; kept in the cache folder)")

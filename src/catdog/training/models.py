@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from catdog.runtime.transforms import DENOISE_ABOVE, IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from catdog.runtime.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 # ImageNet-1k class indices: 281-285 are domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian cat),
 # 151-268 are dog breeds.
@@ -474,8 +474,9 @@ def create_zero_training_model(backbone_name: str = ZERO_TRAINING_BACKBONE) -> t
 
 
 def zero_training_preprocess(backbone_name: str = ZERO_TRAINING_BACKBONE) -> Preprocess:
-    """Lite2 at 300 px, like the default preset's features, with its noise filter (`transforms.DENOISE_ABOVE`)."""
-    return replace(MODEL_SPECS[backbone_name].preprocess, input_size=ZERO_TRAINING_INPUT_SIZE, denoise_above=DENOISE_ABOVE)
+    """Lite2 at 300 px, like the default preset's features; no noise filter (off by default everywhere: on
+    original-size noisy photos it did harm, BENCHMARKS.md "Defaults on original-size photos")."""
+    return replace(MODEL_SPECS[backbone_name].preprocess, input_size=ZERO_TRAINING_INPUT_SIZE)
 
 
 def _weights_on_this_machine(name: str) -> str:
