@@ -251,7 +251,7 @@ def test_the_cached_features_and_the_predictor_turn_the_same_photos(tiny_head_ru
     # shipped rule would check none of them.
     monkeypatch.setattr(OrientationCheck, "from_validation_scores",
                         classmethod(lambda cls, validation_scores, ood_threshold: cls(-1e9, 1e9, -1e9)))
-    cached, network = scores("cached"), scores("network", "--no-feature-cache")
+    cached, network = scores("cached", "--check-orientation"), scores("network", "--no-feature-cache", "--check-orientation")
     assert cached != unchecked  # some photos were read turned
     for mine, theirs in zip(cached, network):
         assert mine[0] == theirs[0] and mine[1] == pytest.approx(theirs[1], abs=2e-3)
