@@ -159,7 +159,9 @@ def tune(data: str | os.PathLike, *, log: Log = print, **options: Any) -> dict[s
 class Prediction:
     """One image's prediction. path: the file, or None for an in-memory image without a file name.
     in_distribution: False when the photo is unlike the training photos ("neither"; `label` is then only the
-    nearest class). ood_score: how unlike (None for a model without a score)."""
+    nearest class). ood_score: how unlike (None for a model without a score). refused_by: why it is neither ("",
+    "unlike the training photos", or "like a taught neither example" for a model trained with `--neither`), and
+    nearest_neither the taught example it is like (its file name) when that refused it."""
 
     path: str | None
     label: str
@@ -167,6 +169,8 @@ class Prediction:
     probabilities: dict[str, float]
     in_distribution: bool = True
     ood_score: float | None = None
+    refused_by: str = ""
+    nearest_neither: str = ""
 
 
 ImageInput = Union[str, os.PathLike, "Image.Image"]
@@ -208,7 +212,7 @@ class Model:
 
         from catdog.runtime.data import DataError, describe_left_out
         from catdog.runtime.images import ImageLoadError, to_rgb
-        from catdog.runtime.predict import QUIET_REASONS, collect_inputs
+        from catdog.runtime.predict import QUIET_REASONS, Decision, collect_inputs
 
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
         files: list[Path] = []
@@ -240,8 +244,9 @@ class Model:
         if files:
             outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta,
                                                    check_orientation=check_orientation)
+            decisions = self.predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither)
             scores = outcome.ood_scores if outcome.ood_scores is not None else [None] * len(outcome.indices)
-            by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores)))
+            by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores, decisions or [None] * len(scores))))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
         refuse_unless_skipping(problems)
         if problems:
@@ -251,22 +256,26 @@ class Model:
         picture_batch = batch_size or self.predictor.batch_size(len(pictures)).batch_size
         for start in range(0, len(pictures), picture_batch):
             batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + picture_batch]])
-            probabilities, scores = self.predictor.predict_batch(batch, tta, check_orientation)
-            by_picture.extend(zip(probabilities, scores if scores is not None else [None] * len(probabilities)))
+            scored = self.predictor.score_batch(batch, tta, check_orientation)
+            decisions = self.predictor.decisions(scored.ood_scores, scored.neither_distances, scored.nearest_neither)
+            count = len(scored.probabilities)
+            by_picture.extend(zip(scored.probabilities, scored.ood_scores if scored.ood_scores is not None else [None] * count,
+                                  decisions or [None] * count))
 
         predictions = []
         for kind, position in order:
             if kind == "file":
                 if position not in by_file:
                     continue  # unreadable, reported above
-                path, (probabilities, score) = str(files[position]), by_file[position]
+                path, (probabilities, score, decision) = str(files[position]), by_file[position]
             else:
-                path, (probabilities, score) = getattr(pictures[position], "filename", "") or None, by_picture[position]
+                path, (probabilities, score, decision) = getattr(pictures[position], "filename", "") or None, by_picture[position]
             best = int(probabilities.argmax())
-            in_distribution = score is None or bool(self.predictor.in_distribution(score))
+            decision = decision or Decision(True)
             predictions.append(Prediction(path, self.class_names[best], float(probabilities[best]),
                                           {name: float(p) for name, p in zip(self.class_names, probabilities)},
-                                          in_distribution, None if score is None else float(score)))
+                                          decision.in_distribution, None if score is None else float(score),
+                                          decision.refused_by, decision.nearest_neither))
         return predictions
 
     def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None,

@@ -42,6 +42,17 @@ class Prediction(BaseModel):
     model: str = Field(description="the model's name")
     zero_training: bool = Field(description="true for the built-in zero-training cat/dog model (no run given)")
     timing_ms: Timing
+    # Only from a model trained with taught examples of "neither" (`catdog train --neither DIR`); absent otherwise.
+    neither_distance: float | None = Field(None, description="only for a model taught examples of \"neither\": the "
+                                                             "distance to the nearest of them (lower: more alike)")
+    refused_by: Literal["", "unlike the training photos", "like a taught neither example"] | None = Field(
+        None, description="only for a model taught examples of \"neither\": why the photo is neither (\"unlike the "
+                          "training photos\": the out-of-distribution score; \"like a taught neither example\": "
+                          "nearer one of the examples than the training photos by the model's margin), or \"\" when "
+                          "it is not")
+    nearest_neither: str | None = Field(None, description="only for a model taught examples of \"neither\": the "
+                                                          "file name of the taught example the photo is like, when "
+                                                          "that refused it; null otherwise")
 
 
 class Explanation(Prediction):
