@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,11 +106,13 @@ def _run_path(run: RunLike) -> Path:
     return run.path if isinstance(run, Run) else Path(run)
 
 
-def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str | os.PathLike | None = None,
-          log: Log = print, **options: Any) -> Run:
+def train(data: str | os.PathLike | Sequence[str | os.PathLike] = "", *, preset: str = "default",
+          run_dir: str | os.PathLike | None = None, log: Log = print, **options: Any) -> Run:
     """Train a classifier, as `catdog train` does, and return the run.
 
-    data: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest `path,label`.
+    data: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest `path,label`; or a list of them
+    (several sources, merged as `--data A --data B` merges them). `neither=[folder, ...]`: photos that are none of
+    the classes (`--neither`).
     preset: "fast" (EfficientNet-Lite0 features) or "default" (Lite2 features at 300 px, more accurate).
     run_dir: the run directory to create (the command's `--out`; default runs/latest).
     log: called with each progress message; None for silence.
@@ -123,7 +125,10 @@ def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str
         if "out" in options:
             raise TypeError("catdog.train() takes run_dir or out, not both")
         options["out"] = str(run_dir)
-    config = _config(TrainConfig, "train", {"data": str(data), "preset": preset, **options})
+    sources = [str(source) for source in data] if isinstance(data, (list, tuple)) else str(data)
+    if "neither" in options and isinstance(options["neither"], (list, tuple)):
+        options["neither"] = [str(folder) for folder in options["neither"]]
+    config = _config(TrainConfig, "train", {"data": sources, "preset": preset, **options})
     result = train_command(config, log=log or _quiet)
     return Run.open(result.run_dir)
 

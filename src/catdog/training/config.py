@@ -50,7 +50,6 @@ def as_list(value) -> list[str]:
 @dataclass
 class TrainConfig:
     data: list[str] = option([], "data set: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest; repeatable (--data A --data B, or --data A B): several sources, each in its own layout, merged with byte-identical copies left out and reported, then one split", repeatable=True, metavar="DIR")
-    neither: list[str] = option([], "a folder of photos that are none of the classes (any layout, sub-folders searched): examples of what to answer \"neither\" to, never a class of the model and never counted in its accuracy; repeatable. The run keeps their features as a second bank: a photo nearer them than the training photos by the margin chosen on the validation photos is refused (see catdog/training/neither.py)", repeatable=True, metavar="DIR")
     out: str = option("runs/latest", "run directory to create")
     preset: str = option("default", "fast: EfficientNet-Lite0 features at 224 px; default: Lite2 features at 300 px (2.4x slower, more accurate); both with mirror images", choices=tuple(PRESETS))
     model: str = option("", "model name (see `catdog models`); empty: the preset's model")
@@ -85,6 +84,7 @@ class TrainConfig:
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
     ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/training/ood.py)")
+    neither: list[str] = option([], "a folder of photos that are none of the classes (any layout, sub-folders searched): examples of what to answer \"neither\" to, never a class of the model and never counted in its accuracy; repeatable. The run keeps their features as a second bank: a photo nearer them than the training photos by the margin chosen on the validation photos is refused (see catdog/training/neither.py)", repeatable=True, metavar="DIR")
     neither_keep: float = option(NEITHER_KEEP, "with --neither: the margin by which a photo must be nearer the taught examples than the training photos is chosen to keep this share of the validation photos (see catdog/training/neither.py)")
     exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")

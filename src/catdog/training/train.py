@@ -91,7 +91,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     seed_everything(config.seed)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", {**asdict(config), "resolved_strategy": strategy, "device": str(device),
+        # One --data source is written as one string, as before several were possible (TrainConfig reads both).
+        recorded = {**asdict(config), "data": config.data[0] if len(config.data) == 1 else config.data}
+        write_json_atomic(run_dir / "config.json", {**recorded, "resolved_strategy": strategy, "device": str(device),
                                                     "processes": world_size()})
         sources = [str(Path(source).resolve()) for source in config.data]
         write_json_atomic(run_dir / "split.json", {
