@@ -121,12 +121,14 @@ def test_two_sources_merge_into_one_split_with_the_duplicate_reported(taught):
 def test_the_run_keeps_the_taught_examples_and_their_count(taught):
     meta = read_meta(taught["run"])
     assert (taught["run"] / NEITHER_FILE).is_file() and meta.taught_neither == 12 and meta.neither_margin is not None
-    assert meta.neither_files[0] == "not-pets/blue/blue0.jpg" and meta.neither_keep == 0.995
+    assert meta.neither_files[0] == "not-pets/blue/blue0.jpg" and meta.neither_keep == 0.998
+    assert meta.neither_threshold is not None
     assert meta.neither_summary["photos"] == 12 and meta.metrics["accuracy"] >= 0.75  # the classes stay cat, dog
     assert meta.class_names == ["cat", "dog"]
     session = onnxruntime.InferenceSession(str(taught["model"]), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["neither_examples"] == "12"
-    assert [output.name for output in session.get_outputs()][-3:] == ["ood_score", "neither_distance", "nearest_neither"]
+    assert [output.name for output in session.get_outputs()][-4:] == ["ood_score", "neither_score", "neither_distance",
+                                                                      "nearest_neither"]
 
 
 def predict_rows(*arguments: str) -> list[dict]:
@@ -139,7 +141,8 @@ def test_a_taught_photo_is_refused_end_to_end_by_the_run_and_by_its_file(taught,
     inbox = str(taught["inbox"])
     by_run = predict_rows("--run", str(taught["run"]), inbox, "--output", str(tmp_path / "run.csv"))
     by_file = predict_rows("--model", str(taught["model"]), inbox, "--output", str(tmp_path / "file.csv"))
-    assert list(by_run[0])[-5:] == ["ood_score", "in_distribution", "neither_distance", "refused_by", "nearest_neither"]
+    assert list(by_run[0])[-6:] == ["ood_score", "in_distribution", "neither_score", "neither_distance", "refused_by",
+                                    "nearest_neither"]
     rows = {Path(row["path"]).name: row for row in by_run}
     assert rows["taught.jpg"]["refused_by"] == REFUSED_TAUGHT and rows["taught.jpg"]["in_distribution"] == "false"
     assert rows["taught.jpg"]["nearest_neither"] == "not-pets/blue/blue5.jpg"  # the very example it is a copy of
@@ -153,6 +156,7 @@ def test_a_taught_photo_is_refused_end_to_end_by_the_run_and_by_its_file(taught,
         assert mine["path"] == theirs["path"] and mine["refused_by"] == theirs["refused_by"]
         assert mine["nearest_neither"] == theirs["nearest_neither"] and mine["in_distribution"] == theirs["in_distribution"]
         assert float(mine["neither_distance"]) == pytest.approx(float(theirs["neither_distance"]), abs=1e-4)
+        assert float(mine["neither_score"]) == pytest.approx(float(theirs["neither_score"]), abs=1e-4)
 
 
 def test_the_exported_file_alone_gives_the_runs_scores_and_decisions(taught):
@@ -165,18 +169,22 @@ def test_the_exported_file_alone_gives_the_runs_scores_and_decisions(taught):
     images = np.stack([predictor.transform(Image.open(path).convert("RGB")) for path in photos])
     session = onnxruntime.InferenceSession(str(taught["model"]), providers=["CPUExecutionProvider"])
     stored = json.loads(session.get_modelmeta().custom_metadata_map["catdog_meta"])
-    scores, distances, nearest = session.run(["ood_score", "neither_distance", "nearest_neither"], {"images": images})
-    refused = (scores > stored["ood_threshold"]) | (scores - distances > stored["neither_margin"])
+    scores, head, distances, nearest = session.run(["ood_score", "neither_score", "neither_distance", "nearest_neither"],
+                                                   {"images": images})
+    refused = ((scores > stored["ood_threshold"]) | (head > stored["neither_threshold"])
+               | (scores - distances > stored["neither_margin"]))
     network, _ = load_exportable(str(taught["run"]))
     with torch.inference_mode():
         reference = dict(zip(network.output_names, network(torch.from_numpy(images))))
     np.testing.assert_allclose(scores, reference["ood_score"].numpy(), atol=1e-4)
     np.testing.assert_allclose(distances, reference["neither_distance"].numpy(), atol=1e-4)
+    np.testing.assert_allclose(head, reference["neither_score"].numpy(), atol=1e-4)
     assert nearest.tolist() == reference["nearest_neither"].numpy().tolist() and nearest.dtype == np.int64
     torch_refused = ((reference["ood_score"].numpy() > stored["ood_threshold"])
-                     | taught_refusals(reference["ood_score"].numpy(), reference["neither_distance"].numpy(), stored["neither_margin"]))
+                     | taught_refusals(reference["ood_score"].numpy(), reference["neither_distance"].numpy(), stored["neither_margin"],
+                                       reference["neither_score"].numpy(), stored["neither_threshold"]))
     assert refused.tolist() == torch_refused.tolist()
-    assert refused.tolist() == [not d.in_distribution for d in predictor.decisions(scores, distances, nearest)]
+    assert refused.tolist() == [not d.in_distribution for d in predictor.decisions(scores, distances, nearest, head)]
     assert [stored["neither_files"][i] for i in nearest[[p.name == "taught.jpg" for p in photos]]] == ["not-pets/blue/blue5.jpg"]
 
 
@@ -186,6 +194,7 @@ def test_serve_answers_why_and_which_example(taught):
         answer = client.post("/predict", files={"file": ("t.jpg", (inbox / "taught.jpg").read_bytes(), "image/jpeg")}).json()
         assert answer["in_distribution"] is False and answer["refused_by"] == REFUSED_TAUGHT
         assert answer["nearest_neither"] == "not-pets/blue/blue5.jpg" and answer["neither_distance"] < 1e-3
+        assert answer["neither_score"] > read_meta(taught["run"]).neither_threshold
         batch = client.post("/predict/batch", files=[("files", (name, (inbox / name).read_bytes(), "image/jpeg"))
                                                      for name in ("blue1.jpg", "cat.jpg")]).json()["results"]
         assert batch[0]["refused_by"] == REFUSED_TAUGHT and batch[0]["nearest_neither"].startswith("not-pets/blue/")
@@ -216,7 +225,7 @@ def test_the_python_api_and_evaluate_say_the_same(taught, tmp_path):
 
 def test_a_decision_names_the_taught_example_only_when_it_refused():
     class Network:
-        outputs = ("logits", "features", "ood_score", "neither_distance", "nearest_neither")
+        outputs = ("logits", "features", "ood_score", "neither_score", "neither_distance", "nearest_neither")
         backend = "test"
 
     from catdog.runtime.predict import Predictor
@@ -224,13 +233,18 @@ def test_a_decision_names_the_taught_example_only_when_it_refused():
     from catdog.runtime.transforms import Preprocess
 
     meta = RunMeta("m", ["cat", "dog"], Preprocess(32), ood_method="knn", ood_threshold=0.5, neither_margin=0.1,
-                   neither_files=["a/1.jpg", "a/2.jpg"])
+                   neither_threshold=1.0, neither_files=["a/1.jpg", "a/2.jpg"])
     predictor = Predictor(Network(), meta)
-    decisions = predictor.decisions(np.array([0.2, 0.6, 0.4, 0.7]), np.array([0.5, 0.9, 0.2, 0.1]), np.array([0, 1, 1, 0]))
-    assert decisions == [Decision(True), Decision(False, REFUSED_UNLIKE), Decision(False, REFUSED_TAUGHT, "a/2.jpg"),
-                         Decision(False, REFUSED_TAUGHT, "a/1.jpg")]
-    assert predictor.in_distribution(np.array([0.2, 0.4]), np.array([0.5, 0.2])).tolist() == [True, False]
-    assert predictor.in_distribution(np.array([0.2, 0.4])).tolist() == [True, True]  # the automatic rule alone
+    # accepted; unlike the training photos; nearer an example by more than the margin; the head above its
+    # threshold; both the score and the examples (the examples' reason is given)
+    ood, distances = np.array([0.2, 0.6, 0.4, 0.3, 0.7]), np.array([0.5, 0.9, 0.2, 0.5, 0.1])
+    head, nearest = np.array([0.0, 0.0, 0.0, 2.0, 0.0]), np.array([0, 1, 1, 1, 0])
+    assert predictor.decisions(ood, distances, nearest, head) == [
+        Decision(True), Decision(False, REFUSED_UNLIKE), Decision(False, REFUSED_TAUGHT, "a/2.jpg"),
+        Decision(False, REFUSED_TAUGHT, "a/2.jpg"), Decision(False, REFUSED_TAUGHT, "a/1.jpg")]
+    assert predictor.in_distribution(ood, distances, head).tolist() == [True, False, False, False, False]
+    assert predictor.in_distribution(ood).tolist() == [True, False, True, True, False]  # the automatic rule alone
+    assert predictor.decide(0.3, 0.5, 1, 2.0) == Decision(False, REFUSED_TAUGHT, "a/2.jpg")
 
 
 def test_a_run_without_neither_is_as_before(tmp_path):
@@ -253,4 +267,29 @@ def test_a_run_without_neither_is_as_before(tmp_path):
         buffer = io.BytesIO()
         colour_image(0, 1).save(buffer, format="JPEG")
         answer = client.post("/predict", files={"file": ("p.jpg", buffer.getvalue(), "image/jpeg")}).json()
-    assert not {"refused_by", "nearest_neither", "neither_distance"} & set(answer)
+    assert not {"refused_by", "nearest_neither", "neither_distance", "neither_score"} & set(answer)
+
+
+def test_the_taught_examples_head_and_bank_save_load_and_compute_alike_in_the_graph(tmp_path):
+    import torch
+
+    from catdog.training.neither import TaughtNeither
+
+    generator = np.random.default_rng(0)
+    basis = np.abs(generator.normal(size=(16, 320)))
+    pets = (np.abs(generator.normal(size=(300, 16))) @ basis).astype(np.float32)
+    examples = (np.abs(generator.normal(size=(40, 16))) @ basis + 3 * np.abs(generator.normal(size=(40, 320)))).astype(np.float32)
+    taught, chosen = TaughtNeither.fit(examples, pets)
+    assert chosen.tolist() == list(range(40)) and taught.bank.k == 1
+    assert taught.scores(examples).min() > np.median(taught.scores(pets))  # the head puts them on their side
+    taught.save(tmp_path / NEITHER_FILE)
+    loaded = TaughtNeither.load(tmp_path / NEITHER_FILE)
+    queries = np.r_[pets[:5], examples[:5]]
+    for mine, theirs in zip(taught.outputs(queries), loaded.outputs(queries)):
+        np.testing.assert_array_equal(mine, theirs)
+    with torch.no_grad():
+        graph = [value.numpy() for value in loaded.module()(torch.from_numpy(queries))]
+    head, distances, nearest = loaded.outputs(queries)
+    np.testing.assert_allclose(graph[0], head, atol=1e-4)
+    np.testing.assert_allclose(graph[1], distances, atol=1e-5)
+    assert graph[2].tolist() == nearest.tolist() and nearest[5:].tolist() == [0, 1, 2, 3, 4]  # each example is its own nearest

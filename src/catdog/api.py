@@ -249,7 +249,8 @@ class Model:
         if files:
             outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta,
                                                    check_orientation=check_orientation)
-            decisions = self.predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither)
+            decisions = self.predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither,
+                                                 outcome.neither_scores)
             scores = outcome.ood_scores if outcome.ood_scores is not None else [None] * len(outcome.indices)
             by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores, decisions or [None] * len(scores))))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
@@ -262,7 +263,8 @@ class Model:
         for start in range(0, len(pictures), picture_batch):
             batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + picture_batch]])
             scored = self.predictor.score_batch(batch, tta, check_orientation)
-            decisions = self.predictor.decisions(scored.ood_scores, scored.neither_distances, scored.nearest_neither)
+            decisions = self.predictor.decisions(scored.ood_scores, scored.neither_distances, scored.nearest_neither,
+                                                 scored.neither_scores)
             count = len(scored.probabilities)
             by_picture.extend(zip(scored.probabilities, scored.ood_scores if scored.ood_scores is not None else [None] * count,
                                   decisions or [None] * count))

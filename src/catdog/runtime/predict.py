@@ -10,9 +10,9 @@ with only `pip install catdog` (no torch) predicts exactly as the run did.
 files that failed instead of stopping.
 
 "Neither": a photo is refused when its out-of-distribution score is above the run's threshold ("unlike the training
-photos"), or, for a run trained with taught examples (`catdog train --neither DIR`), when it is nearer one of them
-than the training photos by more than the run's margin ("like a taught neither example", naming the example). Both
-decisions come from the file's own outputs and metadata (`Predictor.decisions`).
+photos"), or, for a run trained with taught examples (`catdog train --neither DIR`), when the examples' head scores
+it above its threshold or it is nearer one of them than any validation photo was ("like a taught neither example",
+naming the nearest example). Both decisions come from the file's own outputs and metadata (`Predictor.decisions`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ from catdog.runtime.runs import RunMeta
 from catdog.runtime.transforms import eval_transform
 
 ZERO_TRAINING_STRATEGY = "zero-training"
+# A model taught examples of "neither" (`catdog train --neither`) has these outputs beside "ood_score".
+TAUGHT_OUTPUTS = ("neither_score", "neither_distance", "nearest_neither")
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
 
 
@@ -69,28 +71,31 @@ class PredictionOutcome:
     errors: list[ImageLoadError]
     seconds: float
     ood_scores: np.ndarray | None = None  # [len(indices)]; None when the model has no out-of-distribution score
-    # [len(indices)] each; None unless the model has taught "neither" examples: the distance to them, and the
-    # index of the nearest one (`Predictor.neither_files` names it)
+    # [len(indices)] each; None unless the model has taught "neither" examples: the distance to them, the index
+    # of the nearest one (`Predictor.neither_files` names it) and the examples' head's score
     neither_distances: np.ndarray | None = None
     nearest_neither: np.ndarray | None = None
+    neither_scores: np.ndarray | None = None
 
 
 @dataclass
 class BatchScores:
     """A preprocessed batch's answers (`Predictor.score_batch`): calibrated probabilities [N, classes], and, where
-    the model has them, the out-of-distribution score [N] and the taught examples' distance and nearest index [N]."""
+    the model has them, the out-of-distribution score [N] and the taught examples' distance, nearest index and
+    head score [N]."""
 
     probabilities: np.ndarray
     ood_scores: np.ndarray | None = None
     neither_distances: np.ndarray | None = None
     nearest_neither: np.ndarray | None = None
+    neither_scores: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Decision:
     """Whether one photo is like the training photos, and if not why: `refused_by` is "" (accepted),
     `REFUSED_UNLIKE` (the automatic score) or `REFUSED_TAUGHT` (nearer a taught example than the training photos by
-    the margin: `nearest_neither` names it; the taught reason is given whenever that rule refuses)."""
+    their rule: `nearest_neither` names the nearest; the taught reason is given whenever that rule refuses)."""
 
     in_distribution: bool
     refused_by: str = ""
@@ -142,10 +147,10 @@ class Predictor:
 
     @property
     def has_taught_neither(self) -> bool:
-        """Whether this model was taught examples of "neither" (`catdog train --neither`): its file computes the
-        distance to them and names the nearest, and its metadata holds the margin."""
+        """Whether this model was taught examples of "neither" (`catdog train --neither`): its file computes their
+        head's score and the distance to them and names the nearest, and its metadata holds the thresholds."""
         return (self.has_ood_score and self.meta.neither_margin is not None
-                and {"neither_distance", "nearest_neither"} <= set(self.network.outputs))
+                and set(TAUGHT_OUTPUTS) <= set(self.network.outputs))
 
     @property
     def neither_files(self) -> list[str]:
@@ -154,21 +159,26 @@ class Predictor:
     @property
     def score_outputs(self) -> tuple[str, ...]:
         """The network outputs besides the logits that every prediction reads: the score, the taught examples'."""
-        return ((("ood_score",) if self.has_ood_score else ())
-                + (("neither_distance", "nearest_neither") if self.has_taught_neither else ()))
+        return (("ood_score",) if self.has_ood_score else ()) + (TAUGHT_OUTPUTS if self.has_taught_neither else ())
 
-    def in_distribution(self, ood_scores: np.ndarray | None, neither_distances: np.ndarray | None = None) -> np.ndarray | None:
-        """True where a photo is like the training photos (score at or below the threshold) and, with taught
-        examples' distances, not nearer them than the training photos by more than the margin."""
+    def taught_refusals(self, ood_scores, neither_distances, neither_scores=None) -> np.ndarray:
+        """Where the taught examples refuse a photo (`probabilities.taught_refusals` with this model's thresholds)."""
+        return taught_refusals(np.atleast_1d(ood_scores), np.atleast_1d(neither_distances), self.meta.neither_margin,
+                               None if neither_scores is None else np.atleast_1d(neither_scores), self.meta.neither_threshold)
+
+    def in_distribution(self, ood_scores: np.ndarray | None, neither_distances: np.ndarray | None = None,
+                        neither_scores: np.ndarray | None = None) -> np.ndarray | None:
+        """True where a photo is like the training photos (score at or below the threshold) and, with the taught
+        examples' outputs, not refused by them."""
         if ood_scores is None:
             return None
         accepted = np.asarray(ood_scores) <= self.ood_threshold
         if neither_distances is not None and self.has_taught_neither:
-            accepted = accepted & ~taught_refusals(ood_scores, neither_distances, self.meta.neither_margin)
+            accepted = accepted & ~self.taught_refusals(ood_scores, neither_distances, neither_scores)
         return accepted
 
     def decisions(self, ood_scores: np.ndarray | None, neither_distances: np.ndarray | None = None,
-                  nearest_neither: np.ndarray | None = None) -> list[Decision] | None:
+                  nearest_neither: np.ndarray | None = None, neither_scores: np.ndarray | None = None) -> list[Decision] | None:
         """Each photo's `Decision` (None: the model has no out-of-distribution score)."""
         if ood_scores is None:
             return None
@@ -176,7 +186,7 @@ class Predictor:
         unlike = ood_scores > self.ood_threshold
         taught = np.zeros(len(ood_scores), dtype=bool)
         if neither_distances is not None and self.has_taught_neither:
-            taught = taught_refusals(ood_scores, np.atleast_1d(neither_distances), self.meta.neither_margin)
+            taught = self.taught_refusals(ood_scores, neither_distances, neither_scores)
         names = self.meta.neither_files
         result = []
         for position in range(len(ood_scores)):
@@ -189,13 +199,16 @@ class Predictor:
                 result.append(Decision(True))
         return result
 
-    def decide(self, ood_score: float | None, neither_distance: float | None = None,
-               nearest_neither: int | None = None) -> Decision:
+    def decide(self, ood_score: float | None, neither_distance: float | None = None, nearest_neither: int | None = None,
+               neither_score: float | None = None) -> Decision:
         """One photo's `Decision`; a model without a score accepts every photo."""
         if ood_score is None:
             return Decision(True)
-        return self.decisions(np.array([ood_score]), None if neither_distance is None else np.array([neither_distance]),
-                              None if nearest_neither is None else np.array([nearest_neither]))[0]
+
+        def one(value):
+            return None if value is None else np.array([value])
+
+        return self.decisions(one(ood_score), one(neither_distance), one(nearest_neither), one(neither_score))[0]
 
     def describe(self) -> str:
         if self.is_zero_training:
@@ -225,7 +238,7 @@ class Predictor:
         score) where the model has them."""
         outputs = self.network.run(images, ("logits",) + self.score_outputs)
         logits, ood_scores = outputs["logits"], outputs.get("ood_score")
-        taught = (outputs.get("neither_distance"), outputs.get("nearest_neither"))
+        taught = (outputs.get("neither_distance"), outputs.get("nearest_neither"), outputs.get("neither_score"))
         if check_orientation and len(logits):
             images, logits, _ = self.upright(images, logits, ood_scores)
         probabilities = softmax(logits / self.temperature)
@@ -313,7 +326,8 @@ class Predictor:
         taught = self.has_taught_neither
         return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started,
                                  joined("ood_scores", self.has_ood_score, np.float32),
-                                 joined("neither_distances", taught, np.float32), joined("nearest_neither", taught, np.int64))
+                                 joined("neither_distances", taught, np.float32), joined("nearest_neither", taught, np.int64),
+                                 joined("neither_scores", taught, np.float32))
 
 
 def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, threads: int = 1):
@@ -415,9 +429,10 @@ def run_predict(config: PredictConfig, predictor: Predictor, log: Callable[[str]
 
 def outcome_decisions(predictor: Predictor, outcome: PredictionOutcome) -> tuple[np.ndarray | None, list[Decision] | None]:
     """(in_distribution per predicted file, and with taught examples each file's `Decision`) for the outputs."""
-    in_distribution = predictor.in_distribution(outcome.ood_scores, outcome.neither_distances)
+    in_distribution = predictor.in_distribution(outcome.ood_scores, outcome.neither_distances, outcome.neither_scores)
     taught = predictor.has_taught_neither and outcome.neither_distances is not None
-    decisions = predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither) if taught else None
+    decisions = (predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither,
+                                     outcome.neither_scores) if taught else None)
     return in_distribution, decisions
 
 
@@ -475,13 +490,14 @@ def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_nam
     """The CSV's header and one row per predicted file: path, label (the most probable class, also for a photo
     that is neither: the nearest class), confidence, each class's probability, and with an out-of-distribution
     score `ood_score` and `in_distribution` (true/false); for a model with taught "neither" examples also
-    `neither_distance`, `refused_by` (empty, "unlike the training photos" or "like a taught neither example") and
-    `nearest_neither` (the taught example's name, where it refused the photo)."""
+    `neither_score` (their head's), `neither_distance` (to the nearest), `refused_by` (empty, "unlike the training
+    photos" or "like a taught neither example") and `nearest_neither` (the nearest example's name, where they
+    refused the photo)."""
     header = ["path", "label", "confidence"] + [f"prob_{name}" for name in class_names]
     if in_distribution is not None:
         header += ["ood_score", "in_distribution"]
         if decisions is not None:
-            header += ["neither_distance", "refused_by", "nearest_neither"]
+            header += ["neither_score", "neither_distance", "refused_by", "nearest_neither"]
     rows = []
     for position, (index, probabilities) in enumerate(zip(outcome.indices, outcome.probabilities)):
         best = int(probabilities.argmax())
@@ -490,7 +506,8 @@ def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_nam
             row += [f"{outcome.ood_scores[position]:.6f}", "true" if in_distribution[position] else "false"]
             if decisions is not None:
                 decision = decisions[position]
-                row += [f"{outcome.neither_distances[position]:.6f}", decision.refused_by, decision.nearest_neither]
+                row += [f"{outcome.neither_scores[position]:.6f}", f"{outcome.neither_distances[position]:.6f}",
+                        decision.refused_by, decision.nearest_neither]
         rows.append(row)
     return header, rows
 

@@ -69,9 +69,14 @@ def taught_advantage(ood_scores, neither_distances) -> np.ndarray:
     return np.asarray(ood_scores, dtype=np.float64) - np.asarray(neither_distances, dtype=np.float64)
 
 
-def taught_refusals(ood_scores, neither_distances, margin: float) -> np.ndarray:
-    """Where the taught examples refuse a photo: nearer them than the training photos by more than `margin`."""
-    return taught_advantage(ood_scores, neither_distances) > margin
+def taught_refusals(ood_scores, neither_distances, margin: float, neither_scores=None,
+                    threshold: float | None = None) -> np.ndarray:
+    """Where the taught examples refuse a photo: nearer them than the training photos by more than `margin`, or
+    (with the run's head of the examples, `neither_scores`) scored above its `threshold`."""
+    refused = taught_advantage(ood_scores, neither_distances) > margin
+    if neither_scores is not None and threshold is not None:
+        refused = refused | (np.asarray(neither_scores, dtype=np.float64) > threshold)
+    return refused
 
 
 def threshold_keeping(validation_scores, keep: float) -> float:

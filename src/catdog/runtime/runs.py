@@ -52,7 +52,8 @@ class RunMeta:
     neither_margin: with taught "neither" examples (`catdog train --neither DIR`, `neither.safetensors`): a photo
     nearer them than the training photos by more than this (`probabilities.taught_refusals`) is "neither" too;
     None: the run has none.
-    neither_keep: the share of validation photos the margin was chosen to keep.
+    neither_threshold: and a photo the examples' head (pets against examples) scores above this is "neither" too.
+    neither_keep: the share of validation photos the head's threshold was chosen to keep.
     neither_files: the taught examples' names (folder name / path inside it), in the order of the bank, so an
     answer can say which one a photo is like.
     neither_summary: what was used and measured: counts (photos, left out as duplicates or as training photos,
@@ -72,6 +73,7 @@ class RunMeta:
     ood_keep: float | None = None
     ood_validation_scores: list[float] = field(default_factory=list)
     neither_margin: float | None = None
+    neither_threshold: float | None = None
     neither_keep: float | None = None
     neither_files: list[str] = field(default_factory=list)
     neither_summary: dict[str, Any] = field(default_factory=dict)

@@ -59,6 +59,6 @@ async def explain(request: Request):
     finished = time.perf_counter()
     seconds = {"decode": decoded - started, "inference": finished - decoded, "total": finished - started}
     taught = (None if explanation.neither_distance is None
-              else (explanation.neither_distance, explanation.nearest_neither_index))
+              else (explanation.neither_distance, explanation.nearest_neither_index, explanation.neither_score))
     return {**answer(service, explanation.probabilities, explanation.ood_score, seconds, taught),
             "overlay_png": base64.b64encode(overlay).decode("ascii")}

@@ -113,13 +113,13 @@ async def classify(service, name: str, data: bytes) -> dict:
 
 
 def answer(service, probabilities, ood_score: float | None, seconds: dict[str, float],
-           taught: tuple[float, int] | None = None) -> dict:
+           taught: tuple[float, int, float] | None = None) -> dict:
     """The JSON of one classified image (`schemas.Prediction`); counts the answers that said neither. `taught`: the
-    distance to the taught "neither" examples and the nearest one's index, for a model that has them (the answer
-    then says `refused_by` and `nearest_neither` too)."""
+    distance to the taught "neither" examples, the nearest one's index and their head's score, for a model that has
+    them (the answer then has `neither_score`, `neither_distance`, `refused_by` and `nearest_neither` too)."""
     predictor = service.predictor
     best = int(probabilities.argmax())
-    decision = predictor.decide(ood_score, *(taught or (None, None)))
+    decision = predictor.decide(ood_score, *(taught or (None, None, None)))
     if not decision.in_distribution:
         service.metrics.out_of_distribution.inc()
     body = {
@@ -133,7 +133,8 @@ def answer(service, probabilities, ood_score: float | None, seconds: dict[str, f
         "timing_ms": {name: round(1000 * value, 2) for name, value in seconds.items()},
     }
     if predictor.has_taught_neither and taught is not None:  # only a model taught examples of "neither" says these
-        body.update({"neither_distance": round(float(taught[0]), 6), "refused_by": decision.refused_by,
+        body.update({"neither_score": round(float(taught[2]), 6), "neither_distance": round(float(taught[0]), 6),
+                     "refused_by": decision.refused_by,
                      "nearest_neither": decision.nearest_neither or None})
     return body
 

@@ -97,7 +97,7 @@ def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batc
 
     return PredictionOutcome([indices[i] for i in order], joined("probabilities"), errors,
                              max(outcome.seconds for _, outcome in shares), joined("ood_scores"),
-                             joined("neither_distances"), joined("nearest_neither"))
+                             joined("neither_distances"), joined("nearest_neither"), joined("neither_scores"))
 
 
 def join_ranks(device: str) -> str:

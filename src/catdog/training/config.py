@@ -32,9 +32,9 @@ PRESETS = {
     "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300, "damage_views": 0.0,
                 "denoise_above": DENOISE_ABOVE},
 }
-# `--neither-keep`: the taught examples' margin keeps this share of the validation photos (`training/neither.py`
-# says why this value).
-NEITHER_KEEP = 0.995
+# `--neither-keep`: the taught examples' head keeps this share of the validation photos (`training/neither.py` says
+# why this value: at 99.5% it refused 1.75% of the original-size Kaggle photos).
+NEITHER_KEEP = 0.998
 # history.csv: one row per epoch, written by `loop.Tracker`
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"]
 
@@ -84,8 +84,8 @@ class TrainConfig:
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
     ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/training/ood.py)")
-    neither: list[str] = option([], "a folder of photos that are none of the classes (any layout, sub-folders searched): examples of what to answer \"neither\" to, never a class of the model and never counted in its accuracy; repeatable. The run keeps their features as a second bank: a photo nearer them than the training photos by the margin chosen on the validation photos is refused (see catdog/training/neither.py)", repeatable=True, metavar="DIR")
-    neither_keep: float = option(NEITHER_KEEP, "with --neither: the margin by which a photo must be nearer the taught examples than the training photos is chosen to keep this share of the validation photos (see catdog/training/neither.py)")
+    neither: list[str] = option([], "a folder of photos that are none of the classes (any layout, sub-folders searched): examples of what to answer \"neither\" to, never a class of the model and never counted in its accuracy; repeatable. The run learns a head of them against the training photos and keeps a bank of them; a photo the head puts on their side, or nearer one of them than any validation photo is, is refused, naming the nearest example (see catdog/training/neither.py)", repeatable=True, metavar="DIR")
+    neither_keep: float = option(NEITHER_KEEP, "with --neither: the threshold of the taught examples' head (training photos against examples) is chosen to keep this share of the validation photos (see catdog/training/neither.py)")
     exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")

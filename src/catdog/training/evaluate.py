@@ -19,6 +19,7 @@ import torch
 from catdog.training.config import EvaluateConfig
 from catdog.training.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
 from catdog.training.checkpoint import load_model
+from catdog.training.neither import TaughtNeither
 from catdog.training.ood import OOD_FILE, KnnScorer, TaughtScores, out_of_distribution_summary, plot_out_of_distribution_scores
 from catdog.runtime.runs import NEITHER_FILE, RunError, RunMeta, check_not_pickle, read_meta
 from catdog.runtime.data import DataError, describe_left_out, discover, discover_sources, find_image_files, relative_to_root
@@ -130,13 +131,14 @@ def taught_refusals_of(meta: RunMeta, outcome: PredictionOutcome, relative_paths
     from catdog.runtime.probabilities import taught_refusals
 
     scores, distances = np.asarray(outcome.ood_scores), np.asarray(outcome.neither_distances)
-    taught = taught_refusals(scores, distances, meta.neither_margin)
+    taught = taught_refusals(scores, distances, meta.neither_margin, outcome.neither_scores, meta.neither_threshold)
     unlike = scores > meta.ood_threshold
     names = meta.neither_files
     refused = [{"path": relative_paths[i], "ood_score": float(scores[i]), "neither_distance": float(distances[i]),
                 "nearest_neither": names[int(outcome.nearest_neither[i])] if 0 <= int(outcome.nearest_neither[i]) < len(names) else ""}
                for i in np.flatnonzero(taught)]
-    return {"examples": meta.taught_neither, "margin": meta.neither_margin, "photos": len(scores),
+    return {"examples": meta.taught_neither, "margin": meta.neither_margin, "threshold": meta.neither_threshold,
+            "photos": len(scores),
             "refused_by_score_share": float(unlike.mean()) if len(scores) else 0.0,
             "refused_by_taught_share": float(taught.mean()) if len(scores) else 0.0,
             "refused_share": float((taught | unlike).mean()) if len(scores) else 0.0,
@@ -147,7 +149,7 @@ def format_taught(entry: dict) -> str:
     """evaluate's lines about the taught examples on the evaluated photos."""
     lines = [f"neither: {entry['refused_share']:.2%} of the {entry['photos']} evaluated photos refused "
              f"({entry['refused_by_score_share']:.2%} by the out-of-distribution score, {entry['refused_by_taught_share']:.2%} "
-             f"by the {entry['examples']} taught examples, margin {entry['margin']:.4f})"]
+             f"by the {entry['examples']} taught examples)"]
     lines += [f"  {row['path']}: like {row['nearest_neither']}" for row in entry["refused_by_taught"][:10]]
     if len(entry["refused_by_taught"]) > 10:
         lines.append(f"  ... and {len(entry['refused_by_taught']) - 10} more (metrics.json, taught_neither)")
@@ -173,7 +175,8 @@ def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, scor
     names = meta.neither_files
     if meta.taught_neither and outcome.neither_distances is not None and other.neither_distances is not None:
         nearest = [names[int(i)] if 0 <= int(i) < len(names) else "" for i in other.nearest_neither]
-        taught = TaughtScores(meta.neither_margin, meta.taught_neither, outcome.neither_distances, other.neither_distances, nearest)
+        taught = TaughtScores(meta.neither_margin, meta.neither_threshold, meta.taught_neither, outcome.neither_distances,
+                              outcome.neither_scores, other.neither_distances, other.neither_scores, nearest)
     summary = out_of_distribution_summary(outcome.ood_scores, other.ood_scores, threshold, groups, str(folder), taught)
     plot_out_of_distribution_scores(outcome.ood_scores, other.ood_scores, threshold, folder.name, out_dir / "ood_scores.png")
     write_ood_predictions(out_dir / "ood_predictions.csv", relative, groups, other, threshold, taught)
@@ -193,21 +196,22 @@ def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, scor
 def write_ood_predictions(path: Path, relative: list[str], groups: list[str], other: PredictionOutcome, threshold: float,
                           taught: TaughtScores | None) -> None:
     """One row per --ood-data photo: its group, score, decision and (with taught examples) why and which example."""
-    from catdog.runtime.probabilities import REFUSED_TAUGHT, REFUSED_UNLIKE, taught_refusals
+    from catdog.runtime.probabilities import REFUSED_TAUGHT, REFUSED_UNLIKE
 
     header = ["path", "group", "ood_score", "in_distribution"]
     scores = np.asarray(other.ood_scores)
     refused_taught = np.zeros(len(scores), dtype=bool)
     if taught is not None:
-        header += ["neither_distance", "refused_by", "nearest_neither"]
-        refused_taught = taught_refusals(scores, taught.other_distances, taught.margin)
+        header += ["neither_score", "neither_distance", "refused_by", "nearest_neither"]
+        refused_taught = taught.refusals(scores, other=True)
     rows = []
     for i, (name, group, score) in enumerate(zip(relative, groups, scores)):
         unlike = score > threshold
         row = [name, group, f"{score:.6f}", "false" if unlike or refused_taught[i] else "true"]
         if taught is not None:
             why = REFUSED_TAUGHT if refused_taught[i] else REFUSED_UNLIKE if unlike else ""
-            row += [f"{taught.other_distances[i]:.6f}", why, taught.other_nearest[i] if refused_taught[i] else ""]
+            head = "" if taught.other_scores is None else f"{taught.other_scores[i]:.6f}"
+            row += [head, f"{taught.other_distances[i]:.6f}", why, taught.other_nearest[i] if refused_taught[i] else ""]
         rows.append(row)
     write_csv_atomic(path, header, rows)
 
@@ -225,13 +229,13 @@ def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device:
     with torch.inference_mode():
         logits = model.head(torch.from_numpy(feature_set.features[usable])).mean(dim=1)  # averaged over the views
         probabilities = torch.softmax(logits / meta.temperature, dim=1).numpy()
-    ood_scores = neither_distances = nearest = None
+    ood_scores = neither_distances = nearest = head_scores = None
     if meta.ood_method == "knn" and (run_dir / OOD_FILE).is_file():  # the first view, as predict scores it
         ood_scores = KnnScorer.load(run_dir / OOD_FILE).scores(feature_set.features[usable, 0])
         if meta.taught_neither and (run_dir / NEITHER_FILE).is_file():
-            neither_distances, nearest = KnnScorer.load(run_dir / NEITHER_FILE).scores_and_nearest(feature_set.features[usable, 0])
+            head_scores, neither_distances, nearest = TaughtNeither.load(run_dir / NEITHER_FILE).outputs(feature_set.features[usable, 0])
     return PredictionOutcome(usable.tolist(), probabilities, feature_set.errors, feature_set.seconds, ood_scores,
-                             neither_distances, nearest)
+                             neither_distances, nearest, head_scores)
 
 
 def write_predictions_csv(path: Path, relative_paths: list[str], labels: np.ndarray, probabilities: np.ndarray,

@@ -4,10 +4,10 @@ The exported file is what predict and serve run without torch (`catdog.runtime.p
 - the network, with three outputs (`DeployableNetwork`): "logits"; "features", the pooled penultimate vector
   (what the head sees); and, for networks whose head is linear on average-pooled convolutional features (the
   EfficientNets, ResNets and the built-in model), "class_maps": each class's Grad-CAM map;
-- for a run trained with taught "neither" examples (`catdog train --neither DIR`, `neither.py`), two more outputs:
-  "neither_distance", the distance to the nearest taught examples, and "nearest_neither", the index of the nearest
-  one (its name is in the metadata, `neither_files`); the margin of the rule is in the metadata too, so the file
-  alone refuses what the run refuses;
+- for a run trained with taught "neither" examples (`catdog train --neither DIR`, `neither.py`), three more
+  outputs: "neither_score", the examples' head's decision value; "neither_distance", the distance to the nearest
+  example; and "nearest_neither", its index (its name is in the metadata, `neither_files`); the rule's thresholds
+  are in the metadata too, so the file alone refuses what the run refuses;
 - in its metadata: the run's `meta.json` (class names, preprocessing, temperature, mirror-view threshold, the
   "neither" margin and examples), where a heatmap cell looks in the input (`heatmap_offset`), and the digest of the
   weights it came from.
@@ -57,6 +57,7 @@ from catdog.runtime.inference import session_options
 from catdog.runtime.model_file import MODEL_FORMAT, open_run
 from catdog.runtime.predict import ZERO_TRAINING_STRATEGY, Predictor
 from catdog.runtime.runs import NEITHER_FILE, RunError, weights_digest
+from catdog.training.neither import TaughtNeither
 from catdog.training.ood import OOD_FILE, KnnScorer
 from catdog.runtime.probabilities import softmax
 from catdog.runtime.runs import RunMeta
@@ -91,14 +92,14 @@ class DeployableNetwork(nn.Module):
         # The out-of-distribution score: a run's (`ood.KnnScore` on the features), or the built-in model's own.
         self.ood_score = ood_score
         self.has_ood_score = ood_score is not None or isinstance(model, ImageNetCatDogClassifier)
-        # The taught "neither" examples' bank (`ood.KnnNearest` on the same features), beside a run's own score.
+        # The taught "neither" examples (`neither.TaughtNeitherScore` on the same features), beside a run's own score.
         self.neither = neither if ood_score is not None else None
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return (("logits", "features") + (("class_maps",) if self.has_class_maps else ())
                 + (("ood_score",) if self.has_ood_score else ())
-                + (("neither_distance", "nearest_neither") if self.neither is not None else ()))
+                + (("neither_score", "neither_distance", "nearest_neither") if self.neither is not None else ()))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map [N, C, h, w] (Grad-CAM's layer)."""
@@ -313,7 +314,7 @@ def load_exportable(run: str | None) -> tuple[DeployableNetwork, RunMeta]:
     if scorer is not None and meta.neither_margin is not None:
         if not (Path(run) / NEITHER_FILE).is_file():
             raise RunError(f"{run}: meta.json has taught \"neither\" examples but {NEITHER_FILE} is missing")
-        taught = KnnScorer.load(Path(run) / NEITHER_FILE).nearest_module()
+        taught = TaughtNeither.load(Path(run) / NEITHER_FILE).module()
     return DeployableNetwork(model, scorer.module() if scorer else None, taught), meta
 
 
@@ -341,7 +342,9 @@ def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weigh
             (scores,) = session.run(["ood_score"], {"images": batch.numpy()})
             check_parity(reference_outputs["ood_score"].numpy(), scores, f"ONNX export of {meta.model_name}'s out-of-distribution score")
         if network.neither is not None:
-            distances, nearest = session.run(["neither_distance", "nearest_neither"], {"images": batch.numpy()})
+            head, distances, nearest = session.run(["neither_score", "neither_distance", "nearest_neither"], {"images": batch.numpy()})
+            check_parity(reference_outputs["neither_score"].numpy(), head,
+                         f"ONNX export of {meta.model_name}'s head of the taught \"neither\" examples")
             check_parity(reference_outputs["neither_distance"].numpy(), distances,
                          f"ONNX export of {meta.model_name}'s distance to the taught \"neither\" examples")
             check_nearest_parity(network.neither, reference_outputs["features"], reference_outputs["nearest_neither"].numpy(),

@@ -187,14 +187,26 @@ def fit_out_of_distribution(train_features: np.ndarray, val_features: np.ndarray
 
 @dataclass
 class TaughtScores:
-    """A run's taught "neither" examples (`neither.py`) as evaluate measures them: the margin, the evaluated
-    photos' and the other photos' distances to the examples, and the name of each other photo's nearest example."""
+    """A run's taught "neither" examples (`neither.py`) as evaluate measures them: the bank's margin and the head's
+    threshold, the evaluated photos' and the other photos' distances to the examples and head scores, and the name of
+    each other photo's nearest example."""
 
     margin: float
+    threshold: float | None
     examples: int
     validation_distances: np.ndarray
+    validation_scores: np.ndarray | None
     other_distances: np.ndarray
+    other_scores: np.ndarray | None
     other_nearest: list[str]
+
+    def refusals(self, ood_scores: np.ndarray, other: bool) -> np.ndarray:
+        """Where the examples refuse the other photos (`other`) or the evaluated ones, given their ood scores."""
+        from catdog.runtime.probabilities import taught_refusals
+
+        distances, scores = ((self.other_distances, self.other_scores) if other
+                             else (self.validation_distances, self.validation_scores))
+        return taught_refusals(ood_scores, distances, self.margin, scores, self.threshold)
 
 
 def out_of_distribution_summary(validation_scores: np.ndarray, other_scores: np.ndarray, threshold: float,
@@ -233,10 +245,8 @@ def taught_summary(validation_scores: np.ndarray, other_scores: np.ndarray, thre
     score's: shares accepted and refused, per group, and which taught examples refused the most other photos."""
     from collections import Counter
 
-    from catdog.runtime.probabilities import taught_refusals
-
-    validation_taught = taught_refusals(validation_scores, taught.validation_distances, taught.margin)
-    other_taught = taught_refusals(other_scores, taught.other_distances, taught.margin)
+    validation_taught = taught.refusals(validation_scores, other=False)
+    other_taught = taught.refusals(other_scores, other=True)
     validation_refused = validation_taught | (validation_scores > threshold)
     other_accepted = ~other_taught & (other_scores <= threshold)
     groups = {}
@@ -246,7 +256,7 @@ def taught_summary(validation_scores: np.ndarray, other_scores: np.ndarray, thre
                          "refused_by_taught_share": share(other_taught[members]),
                          "accepted_without_taught_share": share(other_scores[members] <= threshold)}
     nearest = Counter(name for name, refused in zip(taught.other_nearest, other_taught) if refused)
-    return {"examples": taught.examples, "margin": taught.margin,
+    return {"examples": taught.examples, "margin": taught.margin, "threshold": taught.threshold,
             "validation_refused_share": share(validation_refused), "validation_refused_by_taught_share": share(validation_taught),
             "validation_refused_by_taught_only": int((validation_taught & (validation_scores <= threshold)).sum()),
             "other_accepted_share": share(other_accepted), "other_refused_by_taught": int(other_taught.sum()),

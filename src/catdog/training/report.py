@@ -385,13 +385,14 @@ def neither_section(evaluation: Path, metrics: dict, meta: RunMeta) -> str:
 
 
 def taught_neither_text(metrics: dict, meta: RunMeta) -> str:
-    """The run's taught "neither" examples: how many, the margin, and how many evaluated photos they refused (and
-    which, with the example each is like)."""
+    """The run's taught "neither" examples: how many, and how many evaluated photos they refused (and which, with
+    the example each is like)."""
     if not meta.taught_neither:
         return ""
     entry = metrics.get("taught_neither")
     text = (f"<p>The run was taught {meta.taught_neither} examples of \"neither\" (<code>--neither</code>): a photo "
-            f"nearer one of them than the training photos by more than {meta.neither_margin:.4f} is refused too.")
+            f"their head scores above {meta.neither_threshold:.4f} (chosen to keep {meta.neither_keep:.1%} of the "
+            "validation photos), or nearer one of them than any validation photo, is refused too.")
     if entry:
         text += (f" Of the {entry['photos']} evaluated photos they refuse {entry['refused_by_taught_share']:.2%} "
                  f"(the score {entry['refused_by_score_share']:.2%}; both together {entry['refused_share']:.2%})")

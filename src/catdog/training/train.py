@@ -159,7 +159,7 @@ def _finish_run(config: TrainConfig, run_dir: Path, model: nn.Module, preprocess
         if neither_features is None or not len(neither_features[1]):
             raise DataError(f"--neither: none of the {len(neither)} taught examples could be read")
         taught = fit_taught_neither(neither, neither_features[0], neither_features[1], KnnScorer.load(run_dir / OOD_FILE),
-                                    ood_threshold, val_features, config.neither_keep, run_dir, config.seed, log)
+                                    ood_threshold, train_features, val_features, config.neither_keep, run_dir, config.seed, log)
     meta = RunMeta(config.model, class_names, preprocess, temperature, strategy, strategy == "head" and bool(config.flip),
                    {key: metrics[key] for key in ("accuracy", "log_loss", "roc_auc", "macro_f1") if key in metrics},
                    mirror_below, "knn", ood_threshold, config.ood_keep, ood_validation_scores, **taught)
