@@ -293,3 +293,16 @@ def test_the_taught_examples_head_and_bank_save_load_and_compute_alike_in_the_gr
     np.testing.assert_allclose(graph[0], head, atol=1e-4)
     np.testing.assert_allclose(graph[1], distances, atol=1e-5)
     assert graph[2].tolist() == nearest.tolist() and nearest[5:].tolist() == [0, 1, 2, 3, 4]  # each example is its own nearest
+
+
+def test_a_fine_tuned_run_learns_its_examples_from_its_own_network(tmp_path):
+    data = make_kaggle_folder(tmp_path / "train", per_class=10)
+    blue_photos(tmp_path / "blue", 8)
+    train(TrainConfig(data=str(data), neither=[str(tmp_path / "blue")], out=str(tmp_path / "run"), model="simple_cnn",
+                      strategy="finetune", epochs=2, batch_size=8, lr=3e-3, image_size=32, num_workers=0, progress=False,
+                      early_stopping=0), log=quiet)
+    meta = read_meta(tmp_path / "run")
+    assert meta.strategy == "finetune" and meta.taught_neither == 8 and meta.neither_threshold is not None
+    model_file = run_export(ExportConfig(run=str(tmp_path / "run"), parity_images=2), log=quiet)
+    rows = predict_rows("--model", str(model_file), str(tmp_path / "blue" / "blue3.jpg"), "--output", str(tmp_path / "p.csv"))
+    assert rows[0]["refused_by"] == REFUSED_TAUGHT and rows[0]["nearest_neither"] == "blue/blue3.jpg"
