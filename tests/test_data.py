@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import colour_image, make_class_folders, make_kaggle_folder
 
-from catdog.runtime.data import DataError, discover, stratified_split
+from catdog.runtime.data import DataError, discover, discover_sources, stratified_split
 
 from catdog.training.datasets import ImageFileDataset, collate_skipping_bad_images
 from catdog.runtime.transforms import Preprocess, eval_transform
@@ -135,3 +135,63 @@ def test_augmentation_seed_makes_each_images_augmentation_independent_of_who_dra
     torch.manual_seed(3)
     unseeded = dataset[1]["image"]
     assert not torch.equal(dataset[1]["image"], unseeded)
+
+
+# ---------------------------------------------------------------- several sources (`catdog train --data A --data B`)
+
+
+def later_photos(root, names_and_labels, seed=5000):
+    """New photos for a second source: (relative path, label) each, a colour per label."""
+    for index, (relative, label) in enumerate(names_and_labels):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        colour_image(label, seed + index).save(root / relative)
+    return root
+
+
+def test_kaggle_and_class_folders_merge_with_a_duplicate_across_them_left_out_and_reported(tmp_path):
+    kaggle = make_kaggle_folder(tmp_path / "train", per_class=4)
+    later = later_photos(tmp_path / "later", [("Cat/new0.jpg", 0), ("Dog/new1.jpg", 1), ("Dog/new2.jpg", 1)])
+    (later / "Cat" / "copy-of-cat1.jpg").write_bytes((kaggle / "cat.1.jpg").read_bytes())
+    images, report = discover_sources([kaggle, later])
+    assert images.class_names == ["cat", "dog"]  # PetImages-style "Cat" joins Kaggle's "cat"
+    assert report.renamed_classes == {"Cat": "cat", "Dog": "dog"}
+    assert images.class_counts() == {"cat": 5, "dog": 6} and len(images) == 11
+    assert report.duplicates == [(str((later / "Cat" / "copy-of-cat1.jpg").absolute()), str((kaggle / "cat.1.jpg").absolute()), False)]
+    assert [s.duplicates for s in report.sources] == [0, 1] and [s.layout for s in report.sources] == ["kaggle", "folders"]
+    assert images.layout == "kaggle+folders" and images.root == tmp_path
+    assert sorted(images.relative_paths())[:2] == ["later/Cat/new0.jpg", "later/Dog/new1.jpg"]
+    text = report.describe()
+    assert "1 byte-identical files left out" in text and "copy-of-cat1.jpg" in text and "'Cat' taken as 'cat'" in text
+    train_part, val_part = stratified_split(images.labels, 0.25, 0)  # one split over the merged set
+    assert len(train_part) + len(val_part) == 11 and not set(train_part) & set(val_part)
+
+
+def test_class_folders_and_a_manifest_merge_and_a_copy_labelled_differently_is_a_conflict(tmp_path):
+    folders = make_class_folders(tmp_path / "pets", per_class=3, classes=("cat", "dog"))
+    later_photos(tmp_path / "inbox", [("a.jpg", 0), ("b.jpg", 1)])
+    (tmp_path / "inbox" / "c.jpg").write_bytes((folders / "dog" / "0.jpg").read_bytes())
+    (tmp_path / "inbox" / "d.jpg").write_bytes((tmp_path / "inbox" / "a.jpg").read_bytes())  # a copy within a source
+    (tmp_path / "inbox" / "labels.csv").write_text("path,label\na.jpg,cat\nb.jpg,dog\nc.jpg,cat\nd.jpg,cat\n")
+    images, report = discover_sources([folders, tmp_path / "inbox" / "labels.csv"])
+    assert [s.layout for s in report.sources] == ["folders", "csv"] and images.layout == "folders+csv"
+    assert len(images) == 8 and images.class_counts() == {"cat": 4, "dog": 4}
+    assert len(report.duplicates) == 2 and report.label_conflicts == 1  # c.jpg: a dog photo labelled cat
+    conflict = next(entry for entry in report.duplicates if entry[2])
+    assert conflict[0].endswith("inbox/c.jpg") and conflict[1].endswith("pets/dog/0.jpg")
+    assert "labelled differently" in report.describe()
+
+
+def test_a_source_without_a_class_gives_the_union_said_plainly(tmp_path):
+    kaggle = make_kaggle_folder(tmp_path / "train", per_class=3)
+    later = later_photos(tmp_path / "more", [("cat.100.jpg", 0), ("bird.1.jpg", 2), ("bird.2.jpg", 2)])
+    images, report = discover_sources([kaggle, later])
+    assert images.class_names == ["bird", "cat", "dog"] and images.class_counts() == {"bird": 2, "cat": 4, "dog": 3}
+    assert "has no photos of dog" in report.describe() and "has no photos of bird" in report.describe()
+
+
+def test_one_source_is_read_exactly_as_before(tmp_path):
+    kaggle = make_kaggle_folder(tmp_path / "train", per_class=3)
+    (kaggle / "cat.9.jpg").write_bytes((kaggle / "cat.0.jpg").read_bytes())  # a duplicate: `data audit` reports it
+    images, report = discover_sources([kaggle])
+    plain = discover(kaggle)
+    assert images.paths == plain.paths and images.root == plain.root and len(images) == 7 and not report.duplicates

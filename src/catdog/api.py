@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,11 +106,13 @@ def _run_path(run: RunLike) -> Path:
     return run.path if isinstance(run, Run) else Path(run)
 
 
-def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str | os.PathLike | None = None,
-          log: Log = print, **options: Any) -> Run:
+def train(data: str | os.PathLike | Sequence[str | os.PathLike] = "", *, preset: str = "default",
+          run_dir: str | os.PathLike | None = None, log: Log = print, **options: Any) -> Run:
     """Train a classifier, as `catdog train` does, and return the run.
 
-    data: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest `path,label`.
+    data: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest `path,label`; or a list of them
+    (several sources, merged as `--data A --data B` merges them). `neither=[folder, ...]`: photos that are none of
+    the classes (`--neither`).
     preset: "fast" (EfficientNet-Lite0 features) or "default" (Lite2 features at 300 px, more accurate).
     run_dir: the run directory to create (the command's `--out`; default runs/latest).
     log: called with each progress message; None for silence.
@@ -123,7 +125,10 @@ def train(data: str | os.PathLike = "", *, preset: str = "default", run_dir: str
         if "out" in options:
             raise TypeError("catdog.train() takes run_dir or out, not both")
         options["out"] = str(run_dir)
-    config = _config(TrainConfig, "train", {"data": str(data), "preset": preset, **options})
+    sources = [str(source) for source in data] if isinstance(data, (list, tuple)) else str(data)
+    if "neither" in options and isinstance(options["neither"], (list, tuple)):
+        options["neither"] = [str(folder) for folder in options["neither"]]
+    config = _config(TrainConfig, "train", {"data": sources, "preset": preset, **options})
     result = train_command(config, log=log or _quiet)
     return Run.open(result.run_dir)
 
@@ -159,7 +164,9 @@ def tune(data: str | os.PathLike, *, log: Log = print, **options: Any) -> dict[s
 class Prediction:
     """One image's prediction. path: the file, or None for an in-memory image without a file name.
     in_distribution: False when the photo is unlike the training photos ("neither"; `label` is then only the
-    nearest class). ood_score: how unlike (None for a model without a score)."""
+    nearest class). ood_score: how unlike (None for a model without a score). refused_by: why it is neither ("",
+    "unlike the training photos", or "like a taught neither example" for a model trained with `--neither`), and
+    nearest_neither the taught example it is like (its file name) when that refused it."""
 
     path: str | None
     label: str
@@ -167,6 +174,8 @@ class Prediction:
     probabilities: dict[str, float]
     in_distribution: bool = True
     ood_score: float | None = None
+    refused_by: str = ""
+    nearest_neither: str = ""
 
 
 ImageInput = Union[str, os.PathLike, "Image.Image"]
@@ -208,7 +217,7 @@ class Model:
 
         from catdog.runtime.data import DataError, describe_left_out
         from catdog.runtime.images import ImageLoadError, to_rgb
-        from catdog.runtime.predict import QUIET_REASONS, collect_inputs
+        from catdog.runtime.predict import QUIET_REASONS, Decision, collect_inputs
 
         items = [inputs] if isinstance(inputs, (str, os.PathLike, Image.Image)) else list(inputs)
         files: list[Path] = []
@@ -240,8 +249,10 @@ class Model:
         if files:
             outcome = self.predictor.predict_files(files, batch_size=batch_size, tta=tta,
                                                    check_orientation=check_orientation)
+            decisions = self.predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither,
+                                                 outcome.neither_scores)
             scores = outcome.ood_scores if outcome.ood_scores is not None else [None] * len(outcome.indices)
-            by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores)))
+            by_file = dict(zip(outcome.indices, zip(outcome.probabilities, scores, decisions or [None] * len(scores))))
             problems.extend((str(error.path), error.reason) for error in outcome.errors)
         refuse_unless_skipping(problems)
         if problems:
@@ -251,22 +262,27 @@ class Model:
         picture_batch = batch_size or self.predictor.batch_size(len(pictures)).batch_size
         for start in range(0, len(pictures), picture_batch):
             batch = np.stack([self.predictor.transform(to_rgb(picture)) for picture in pictures[start:start + picture_batch]])
-            probabilities, scores = self.predictor.predict_batch(batch, tta, check_orientation)
-            by_picture.extend(zip(probabilities, scores if scores is not None else [None] * len(probabilities)))
+            scored = self.predictor.score_batch(batch, tta, check_orientation)
+            decisions = self.predictor.decisions(scored.ood_scores, scored.neither_distances, scored.nearest_neither,
+                                                 scored.neither_scores)
+            count = len(scored.probabilities)
+            by_picture.extend(zip(scored.probabilities, scored.ood_scores if scored.ood_scores is not None else [None] * count,
+                                  decisions or [None] * count))
 
         predictions = []
         for kind, position in order:
             if kind == "file":
                 if position not in by_file:
                     continue  # unreadable, reported above
-                path, (probabilities, score) = str(files[position]), by_file[position]
+                path, (probabilities, score, decision) = str(files[position]), by_file[position]
             else:
-                path, (probabilities, score) = getattr(pictures[position], "filename", "") or None, by_picture[position]
+                path, (probabilities, score, decision) = getattr(pictures[position], "filename", "") or None, by_picture[position]
             best = int(probabilities.argmax())
-            in_distribution = score is None or bool(self.predictor.in_distribution(score))
+            decision = decision or Decision(True)
             predictions.append(Prediction(path, self.class_names[best], float(probabilities[best]),
                                           {name: float(p) for name, p in zip(self.class_names, probabilities)},
-                                          in_distribution, None if score is None else float(score)))
+                                          decision.in_distribution, None if score is None else float(score),
+                                          decision.refused_by, decision.nearest_neither))
         return predictions
 
     def explain(self, image: ImageInput, *, tta: bool | None = None, target: str | None = None,

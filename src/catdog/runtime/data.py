@@ -7,12 +7,19 @@ Supported layouts (detected automatically, overridable with `layout=`):
 - `folders`: one sub-folder per class, searched recursively (torchvision's ImageFolder, Microsoft's
   `PetImages/Cat`, `PetImages/Dog`); a folder whose only child is such a folder (`PetImages/`) is accepted too;
 - `csv`: a CSV manifest with columns `path,label`; relative paths are relative to the manifest's folder.
+
+Several sources (`catdog train --data A --data B`: the original data set and photos collected later, say) are each
+discovered in their own layout and merged into one set (`merge_sources`): class names matched across sources
+(ignoring case, so Kaggle's `cat` and PetImages' `Cat` are one class), byte-identical files kept once (the first
+met, in the order the sources were given), and what was dropped reported; one stratified split follows as for one
+source.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import os
 import stat
 import re
@@ -267,6 +274,131 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
         val_indices.extend(members[:count_val].tolist())
         train_indices.extend(members[count_val:].tolist())
     return sorted(train_indices), sorted(val_indices)
+
+
+# ---------------------------------------------------------------- several sources
+
+
+@dataclass
+class SourceSummary:
+    """One data source as it was read: where, in which layout, how many photos of each class, how many dropped as
+    copies of a photo met earlier."""
+
+    source: str
+    layout: str
+    class_counts: dict[str, int]
+    duplicates: int = 0
+
+
+@dataclass
+class MergeReport:
+    """What merging several sources did: each source, the byte-identical copies left out ((dropped, kept) paths,
+    with whether their labels disagreed), and the class names told apart only by case (mapped to the first
+    source's spelling)."""
+
+    sources: list[SourceSummary]
+    duplicates: list[tuple[str, str, bool]] = field(default_factory=list)  # (dropped path, kept path, labels differ)
+    renamed_classes: dict[str, str] = field(default_factory=dict)  # spelling met later -> the class it joined
+
+    @property
+    def label_conflicts(self) -> int:
+        return sum(differ for _, _, differ in self.duplicates)
+
+    def describe(self) -> str:
+        """One line per fact: the sources, the duplicates (by source), the classes merged by case, the classes some
+        source lacks."""
+        lines = [f"data source {i + 1}: {s.source} ({s.layout}, {sum(s.class_counts.values())} images: "
+                 + ", ".join(f"{name} {count}" for name, count in s.class_counts.items() if count) + ")"
+                 + (f"; {s.duplicates} copies of photos met earlier left out" if s.duplicates else "")
+                 for i, s in enumerate(self.sources)]
+        if self.duplicates:
+            dropped, kept, _ = self.duplicates[0]
+            lines.append(f"duplicates: {len(self.duplicates)} byte-identical files left out (e.g. {dropped} = {kept})"
+                         + (f", {self.label_conflicts} of them labelled differently from the copy kept (its label kept)"
+                            if self.label_conflicts else ""))
+        for later, joined in self.renamed_classes.items():
+            lines.append(f"classes: {later!r} taken as {joined!r} (names differ only in case)")
+        if len(self.sources) > 1:
+            every = sorted({name for s in self.sources for name in s.class_counts})
+            for s in self.sources:
+                missing = [name for name in every if not s.class_counts.get(name)]
+                if missing:
+                    lines.append(f"classes: {s.source} has no photos of {', '.join(missing)} (the classes are the union of the sources)")
+        return "\n".join(lines)
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """The SHA-1 of a file's bytes (the feature cache's key too): byte-identical files share it."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def common_root(roots: Sequence[Path]) -> Path:
+    """The deepest folder holding every root (absolute, links not resolved), what merged paths are relative to."""
+    folders = [os.path.abspath(root if Path(root).is_dir() else Path(root).parent) for root in roots]
+    return Path(os.path.commonpath(folders))
+
+
+def merge_sources(parts: Sequence[LabelledImages], names: Sequence[str]) -> tuple[LabelledImages, MergeReport]:
+    """One labelled set from several (each discovered on its own, `names` saying where from), for one split. The
+    classes are the union of the sources' (a name told apart from an earlier one only by case joins it); a file
+    whose bytes equal a file already taken, in this source or an earlier one, is left out (a copy labelled
+    differently keeps the first label, and is counted as a conflict); paths become absolute under the sources'
+    common folder. One source comes back as it is (nothing hashed: `catdog data audit` lists its duplicates)."""
+    if len(parts) == 1:
+        only = parts[0]
+        return only, MergeReport([SourceSummary(str(names[0]), only.layout, only.class_counts())])
+    spelling: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    for part in parts:
+        for name in part.class_names:
+            first = spelling.setdefault(name.lower(), name)
+            if first != name:
+                renamed[name] = first
+    class_names = sorted(set(spelling.values()))
+    index = {name: i for i, name in enumerate(class_names)}
+    seen: dict[str, tuple[str, int]] = {}
+    paths: list[Path] = []
+    labels: list[int] = []
+    ignored: list[tuple[str, str]] = []
+    duplicates: list[tuple[str, str, bool]] = []
+    summaries: list[SourceSummary] = []
+    for part, name in zip(parts, names):
+        summary = SourceSummary(str(name), part.layout, {})
+        for path, label in zip(part.paths, part.labels):
+            class_name = spelling[part.class_names[label].lower()]
+            absolute = Path(os.path.abspath(path))
+            try:
+                key = content_digest(absolute)
+            except OSError:
+                key = f"unreadable:{absolute}"  # kept: the loader reports it as training skips it
+            if key in seen:
+                kept_path, kept_label = seen[key]
+                duplicates.append((str(absolute), kept_path, kept_label != index[class_name]))
+                summary.duplicates += 1
+                continue
+            seen[key] = (str(absolute), index[class_name])
+            paths.append(absolute)
+            labels.append(index[class_name])
+            summary.class_counts[class_name] = summary.class_counts.get(class_name, 0) + 1
+        ignored.extend(part.ignored)
+        summary.class_counts = {name: summary.class_counts.get(name, 0) for name in class_names}
+        summaries.append(summary)
+    layout = "+".join(dict.fromkeys(part.layout for part in parts))
+    merged = LabelledImages(common_root([part.root for part in parts]), paths, labels, class_names, layout, ignored)
+    return merged, MergeReport(summaries, duplicates, renamed)
+
+
+def discover_sources(sources: Sequence[str | os.PathLike], layout: str = "auto") -> tuple[LabelledImages, MergeReport]:
+    """`discover` each source (folders or CSV manifests, each in its own layout when `layout` is "auto"), then
+    `merge_sources`."""
+    if not sources:
+        raise DataError("no data source given")
+    parts = [discover(source, layout) for source in sources]
+    return merge_sources(parts, [str(source) for source in sources])
 
 
 def default_num_workers() -> int:

@@ -54,6 +54,13 @@ class Explanation:
     photo: Image.Image
     ood_score: float | None = None  # how unlike the training photos (None: the model has no score)
     in_distribution: bool = True  # False: "neither"; `label` is then only the nearest class
+    # A model taught examples of "neither" (`catdog train --neither`): the distance to them, the nearest one's index
+    # in the bank, and the decision's reason and example (`predict.Decision`); None / "" otherwise; their head's score
+    neither_distance: float | None = None
+    nearest_neither_index: int | None = None
+    refused_by: str = ""
+    nearest_neither: str = ""
+    neither_score: float | None = None
 
     @property
     def label(self) -> str:
@@ -84,9 +91,12 @@ def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = N
                        "output); export it again with `catdog export` (networks without a pooled convolutional map, "
                        "such as vision transformers, have none)")
     image = predictor.transform(photo)[None]
-    outputs = predictor.network.run(image, ("logits", "class_maps") + (("ood_score",) if predictor.has_ood_score else ()))
+    outputs = predictor.network.run(image, ("logits", "class_maps") + predictor.score_outputs)
     logits, maps = outputs["logits"][0], outputs["class_maps"][0]
     ood_score = float(outputs["ood_score"][0]) if "ood_score" in outputs else None
+    neither_distance = float(outputs["neither_distance"][0]) if "neither_distance" in outputs else None
+    neither_score = float(outputs["neither_score"][0]) if "neither_score" in outputs else None
+    nearest_index = int(outputs["nearest_neither"][0]) if "nearest_neither" in outputs else None
     turn = 0
     if check_orientation and ood_score is not None:
         turned, _, turns = predictor.upright(image, logits[None], np.array([ood_score], dtype=np.float32))
@@ -109,8 +119,9 @@ def explain_photo(predictor: Predictor, photo: Image.Image, tta: bool | None = N
     offset_rows, offset_columns = predictor.heatmap_offset
     shift_x, shift_y = offset_columns * (right - left) / size, offset_rows * (bottom - top) / size
     heatmap = place_on_photo(crop_map, (left + shift_x, top + shift_y, right + shift_x, bottom + shift_y), photo.size)
-    in_distribution = ood_score is None or bool(predictor.in_distribution(ood_score))
-    return Explanation(predictor.class_names, probabilities, heatmap, photo, ood_score, in_distribution)
+    decision = predictor.decide(ood_score, neither_distance, nearest_index, neither_score)
+    return Explanation(predictor.class_names, probabilities, heatmap, photo, ood_score, decision.in_distribution,
+                       neither_distance, nearest_index, decision.refused_by, decision.nearest_neither, neither_score)
 
 
 def place_on_photo(crop_map: np.ndarray, box: tuple[float, float, float, float], photo_size: tuple[int, int]) -> np.ndarray:

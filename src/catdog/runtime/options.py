@@ -1,7 +1,9 @@
 """Building command-line options from dataclass configs (one dataclass per command, as litgpt does).
 
 Each field becomes `--field-name`; its help text comes from `field(metadata={"help": ...})`. A YAML or JSON file
-given with `--config` supplies values first; explicit command-line options win over it.
+given with `--config` supplies values first; explicit command-line options win over it. A list field takes one or
+more values (`--image-sizes 224 160`); one marked `repeatable=True` may also be given again and adds up
+(`--data a --data b` is `--data a b`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, po
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) in (list, tuple):
-            parser.add_argument(flag, dest=field.name, nargs="+", default=None, help=help_text)
+            action = "extend" if field.metadata.get("repeatable") else "store"
+            parser.add_argument(flag, dest=field.name, nargs="+", action=action, default=None,
+                                metavar=field.metadata.get("metavar"), help=help_text)
         else:
             parser.add_argument(flag, dest=field.name, type=kind if kind in (int, float) else str, choices=choices,
                                 metavar=field.metadata.get("metavar"), default=None, help=help_text + _default_text(field))

@@ -8,6 +8,11 @@ with only `pip install catdog` (no torch) predicts exactly as the run did.
 
 `predict_files` decodes images in a background thread while the network runs on the previous photo, and reports
 files that failed instead of stopping.
+
+"Neither": a photo is refused when its out-of-distribution score is above the run's threshold ("unlike the training
+photos"), or, for a run trained with taught examples (`catdog train --neither DIR`), when the examples' head scores
+it above its threshold or it is nearer one of them than any validation photo was ("like a taught neither example",
+naming the nearest example). Both decisions come from the file's own outputs and metadata (`Predictor.decisions`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,23 @@ from catdog.runtime.batch_size import BatchSizeChoice, choose_batch_size
 from catdog.runtime.data import DataError, broken_link_problem, describe_left_out, find_image_files
 from catdog.runtime.files import write_csv_atomic
 from catdog.runtime.images import ImageLoadError, load_image
-from catdog.runtime.probabilities import QUARTER_TURNS, OrientationCheck, softmax, threshold_keeping, uses_mirror_view
+from catdog.runtime.probabilities import (
+    QUARTER_TURNS,
+    REFUSED_TAUGHT,
+    REFUSED_UNLIKE,
+    OrientationCheck,
+    softmax,
+    taught_refusals,
+    threshold_keeping,
+    uses_mirror_view,
+)
 from catdog.runtime.progress import progress_bar
 from catdog.runtime.runs import RunMeta
 from catdog.runtime.transforms import eval_transform
 
 ZERO_TRAINING_STRATEGY = "zero-training"
+# A model taught examples of "neither" (`catdog train --neither`) has these outputs beside "ood_score".
+TAUGHT_OUTPUTS = ("neither_score", "neither_distance", "nearest_neither")
 EXIT_SOME_FILES_FAILED = 3  # documented in the README: predictions were written for every readable file
 
 
@@ -55,6 +71,35 @@ class PredictionOutcome:
     errors: list[ImageLoadError]
     seconds: float
     ood_scores: np.ndarray | None = None  # [len(indices)]; None when the model has no out-of-distribution score
+    # [len(indices)] each; None unless the model has taught "neither" examples: the distance to them, the index
+    # of the nearest one (`Predictor.neither_files` names it) and the examples' head's score
+    neither_distances: np.ndarray | None = None
+    nearest_neither: np.ndarray | None = None
+    neither_scores: np.ndarray | None = None
+
+
+@dataclass
+class BatchScores:
+    """A preprocessed batch's answers (`Predictor.score_batch`): calibrated probabilities [N, classes], and, where
+    the model has them, the out-of-distribution score [N] and the taught examples' distance, nearest index and
+    head score [N]."""
+
+    probabilities: np.ndarray
+    ood_scores: np.ndarray | None = None
+    neither_distances: np.ndarray | None = None
+    nearest_neither: np.ndarray | None = None
+    neither_scores: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether one photo is like the training photos, and if not why: `refused_by` is "" (accepted),
+    `REFUSED_UNLIKE` (the automatic score) or `REFUSED_TAUGHT` (nearer a taught example than the training photos by
+    their rule: `nearest_neither` names the nearest; the taught reason is given whenever that rule refuses)."""
+
+    in_distribution: bool
+    refused_by: str = ""
+    nearest_neither: str = ""
 
 
 class Predictor:
@@ -100,9 +145,70 @@ class Predictor:
         """Whether this model says "neither" (runs trained before catdog 0.5 do not)."""
         return "ood_score" in self.network.outputs and self.ood_threshold is not None
 
-    def in_distribution(self, ood_scores: np.ndarray | None) -> np.ndarray | None:
-        """True where a photo is like the training photos (score at or below the threshold)."""
-        return None if ood_scores is None else np.asarray(ood_scores) <= self.ood_threshold
+    @property
+    def has_taught_neither(self) -> bool:
+        """Whether this model was taught examples of "neither" (`catdog train --neither`): its file computes their
+        head's score and the distance to them and names the nearest, and its metadata holds the thresholds."""
+        return (self.has_ood_score and self.meta.neither_margin is not None
+                and set(TAUGHT_OUTPUTS) <= set(self.network.outputs))
+
+    @property
+    def neither_files(self) -> list[str]:
+        return list(self.meta.neither_files)
+
+    @property
+    def score_outputs(self) -> tuple[str, ...]:
+        """The network outputs besides the logits that every prediction reads: the score, the taught examples'."""
+        return (("ood_score",) if self.has_ood_score else ()) + (TAUGHT_OUTPUTS if self.has_taught_neither else ())
+
+    def taught_refusals(self, ood_scores, neither_distances, neither_scores=None) -> np.ndarray:
+        """Where the taught examples refuse a photo (`probabilities.taught_refusals` with this model's thresholds)."""
+        return taught_refusals(np.atleast_1d(ood_scores), np.atleast_1d(neither_distances), self.meta.neither_margin,
+                               None if neither_scores is None else np.atleast_1d(neither_scores), self.meta.neither_threshold)
+
+    def in_distribution(self, ood_scores: np.ndarray | None, neither_distances: np.ndarray | None = None,
+                        neither_scores: np.ndarray | None = None) -> np.ndarray | None:
+        """True where a photo is like the training photos (score at or below the threshold) and, with the taught
+        examples' outputs, not refused by them."""
+        if ood_scores is None:
+            return None
+        accepted = np.asarray(ood_scores) <= self.ood_threshold
+        if neither_distances is not None and self.has_taught_neither:
+            accepted = accepted & ~self.taught_refusals(ood_scores, neither_distances, neither_scores)
+        return accepted
+
+    def decisions(self, ood_scores: np.ndarray | None, neither_distances: np.ndarray | None = None,
+                  nearest_neither: np.ndarray | None = None, neither_scores: np.ndarray | None = None) -> list[Decision] | None:
+        """Each photo's `Decision` (None: the model has no out-of-distribution score)."""
+        if ood_scores is None:
+            return None
+        ood_scores = np.atleast_1d(np.asarray(ood_scores))
+        unlike = ood_scores > self.ood_threshold
+        taught = np.zeros(len(ood_scores), dtype=bool)
+        if neither_distances is not None and self.has_taught_neither:
+            taught = self.taught_refusals(ood_scores, neither_distances, neither_scores)
+        names = self.meta.neither_files
+        result = []
+        for position in range(len(ood_scores)):
+            if taught[position]:
+                index = int(np.atleast_1d(nearest_neither)[position]) if nearest_neither is not None else -1
+                result.append(Decision(False, REFUSED_TAUGHT, names[index] if 0 <= index < len(names) else ""))
+            elif unlike[position]:
+                result.append(Decision(False, REFUSED_UNLIKE))
+            else:
+                result.append(Decision(True))
+        return result
+
+    def decide(self, ood_score: float | None, neither_distance: float | None = None, nearest_neither: int | None = None,
+               neither_score: float | None = None) -> Decision:
+        """One photo's `Decision`; a model without a score accepts every photo."""
+        if ood_score is None:
+            return Decision(True)
+
+        def one(value):
+            return None if value is None else np.array([value])
+
+        return self.decisions(one(ood_score), one(neither_distance), one(nearest_neither), one(neither_score))[0]
 
     def describe(self) -> str:
         if self.is_zero_training:
@@ -122,17 +228,25 @@ class Predictor:
         """Calibrated class probabilities [N, classes] for a preprocessed batch [N, 3, S, S] (see
         `uses_mirror_view`), and each photo's out-of-distribution score [N] (None without one), from its first view:
         the score compares a photo with the training photos as it came, not mirrored or turned. check_orientation:
-        photos that look turned a quarter are read the way up they look most like the training photos (`upright`)."""
-        outputs = self.network.run(images, ("logits", "ood_score") if self.has_ood_score else ("logits",))
+        photos that look turned a quarter are read the way up they look most like the training photos (`upright`).
+        `score_batch` gives the taught examples' outputs too."""
+        scored = self.score_batch(images, tta, check_orientation)
+        return scored.probabilities, scored.ood_scores
+
+    def score_batch(self, images: np.ndarray, tta: bool | None = None, check_orientation: bool = False) -> BatchScores:
+        """`predict_batch`, with the taught "neither" examples' distance and nearest index (first view, like the
+        score) where the model has them."""
+        outputs = self.network.run(images, ("logits",) + self.score_outputs)
         logits, ood_scores = outputs["logits"], outputs.get("ood_score")
+        taught = (outputs.get("neither_distance"), outputs.get("nearest_neither"), outputs.get("neither_score"))
         if check_orientation and len(logits):
             images, logits, _ = self.upright(images, logits, ood_scores)
         probabilities = softmax(logits / self.temperature)
         mirrored = np.flatnonzero(self.uses_mirror_view(probabilities, tta)) if len(logits) else []
-        if not len(mirrored):
-            return probabilities, ood_scores
-        logits[mirrored] = (logits[mirrored] + self.logits(images[mirrored][..., ::-1])) / 2
-        return softmax(logits / self.temperature), ood_scores
+        if len(mirrored):
+            logits[mirrored] = (logits[mirrored] + self.logits(images[mirrored][..., ::-1])) / 2
+            probabilities = softmax(logits / self.temperature)
+        return BatchScores(probabilities, ood_scores, *taught)
 
     @property
     def checks_orientation(self) -> bool:
@@ -175,7 +289,7 @@ class Predictor:
         """The batch size to predict about `images` photos with (None: a server's stream): `forced`, else the size
         this network runs fastest at on this machine (`batch_size.choose_batch_size`: measured once per machine,
         then cached; a short job without a stored choice takes the default, 4 on a CPU and 64 on a GPU)."""
-        outputs = ("logits", "ood_score") if self.has_ood_score else ("logits",)
+        outputs = ("logits",) + self.score_outputs
         size = self.preprocess.input_size
         key = {"model": self.meta.model_name, "classes": len(self.class_names), "input": size, "outputs": list(outputs),
                "backend": self.backend, "threads": getattr(self.network, "threads", 0)}
@@ -192,25 +306,28 @@ class Predictor:
         batch_size = batch_size or self.batch_size(len(paths)).batch_size
         decode_threads = decode_threads or (1 if self.device == "cpu" else min(8, os.cpu_count() or 1))
         indices: list[int] = []
-        chunks: list[np.ndarray] = []
-        score_chunks: list[np.ndarray] = []
+        batches: list[BatchScores] = []
         errors: list[ImageLoadError] = []
         for images, batch_indices, batch_errors in decoded_batches(paths, self.transform, self.preprocess.resize_size,
                                                                    batch_size, decode_threads):
             errors.extend(batch_errors)
             if len(batch_indices):
-                probabilities, ood_scores = self.predict_batch(images, tta, check_orientation)
-                chunks.append(probabilities)
-                if ood_scores is not None:
-                    score_chunks.append(ood_scores)
+                batches.append(self.score_batch(images, tta, check_orientation))
                 indices.extend(batch_indices)
             if progress:
                 progress(len(batch_indices) + len(batch_errors))
-        probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(self.class_names)))
-        ood_scores = None
-        if self.has_ood_score:
-            ood_scores = np.concatenate(score_chunks) if score_chunks else np.zeros(0, dtype=np.float32)
-        return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started, ood_scores)
+        probabilities = np.concatenate([b.probabilities for b in batches]) if batches else np.zeros((0, len(self.class_names)))
+
+        def joined(name: str, present: bool, dtype) -> np.ndarray | None:
+            if not present:
+                return None
+            return np.concatenate([getattr(b, name) for b in batches]) if batches else np.zeros(0, dtype=dtype)
+
+        taught = self.has_taught_neither
+        return PredictionOutcome(indices, probabilities, errors, time.perf_counter() - started,
+                                 joined("ood_scores", self.has_ood_score, np.float32),
+                                 joined("neither_distances", taught, np.float32), joined("nearest_neither", taught, np.int64),
+                                 joined("neither_scores", taught, np.float32))
 
 
 def decoded_batches(paths: Sequence[Path], transform, draft_size: int, batch_size: int, threads: int = 1):
@@ -307,16 +424,26 @@ def run_predict(config: PredictConfig, predictor: Predictor, log: Callable[[str]
         outcome = predictor.predict_files(paths, choice.batch_size, config.tta, bar.update,
                                           check_orientation=config.check_orientation)
     return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,
-                                    predictor.in_distribution(outcome.ood_scores))
+                                    *outcome_decisions(predictor, outcome))
+
+
+def outcome_decisions(predictor: Predictor, outcome: PredictionOutcome) -> tuple[np.ndarray | None, list[Decision] | None]:
+    """(in_distribution per predicted file, and with taught examples each file's `Decision`) for the outputs."""
+    in_distribution = predictor.in_distribution(outcome.ood_scores, outcome.neither_distances, outcome.neither_scores)
+    taught = predictor.has_taught_neither and outcome.neither_distances is not None
+    decisions = (predictor.decisions(outcome.ood_scores, outcome.neither_distances, outcome.nearest_neither,
+                                     outcome.neither_scores) if taught else None)
+    return in_distribution, decisions
 
 
 def write_prediction_outputs(config: PredictConfig, paths: Sequence[Path], left_out: list[tuple[str, str]],
                              class_names: list[str], outcome: PredictionOutcome, log: Callable[[str], None],
-                             in_distribution: np.ndarray | None = None) -> int:
+                             in_distribution: np.ndarray | None = None, decisions: list[Decision] | None = None) -> int:
     """The CSV, the terminal lines, the submission and the errors file; return the exit code. `in_distribution`:
-    the out-of-distribution decision per predicted file (None: the model has no score)."""
+    the out-of-distribution decision per predicted file (None: the model has no score); `decisions`: why, for a
+    model with taught "neither" examples (the CSV's refused_by and nearest_neither columns; None: no such model)."""
     to_stdout = config.output == "-"
-    header, rows = prediction_rows(paths, outcome, class_names, in_distribution)
+    header, rows = prediction_rows(paths, outcome, class_names, in_distribution, decisions)
     write_predictions(config.output, header, rows)
     if not to_stdout and len(paths) <= PRINT_EACH_FILE_UP_TO:
         print_predictions(header, rows)
@@ -332,6 +459,10 @@ def write_prediction_outputs(config: PredictConfig, paths: Sequence[Path], left_
             print(f"error: {path}: {reason}" + (f" ({detail})" if detail else ""), file=sys.stderr)
     rate = len(paths) / max(outcome.seconds, 1e-9)
     neither = "" if in_distribution is None else f"; {int((~in_distribution).sum())} unlike the training photos (neither)"
+    if decisions is not None:
+        reasons = [decision.refused_by for decision in decisions]
+        neither = (f"; {int((~in_distribution).sum())} neither ({reasons.count(REFUSED_UNLIKE)} {REFUSED_UNLIKE}, "
+                   f"{reasons.count(REFUSED_TAUGHT)} {REFUSED_TAUGHT})")
     log(f"wrote {len(rows)} predictions to {'standard output' if to_stdout else config.output} ({rate:.1f} images/s)"
         + neither
         + (f"; submission {config.submission}" if config.submission else "")
@@ -354,19 +485,29 @@ def gpu_driver_present() -> bool:
 
 
 def prediction_rows(paths: Sequence[Path], outcome: PredictionOutcome, class_names: list[str],
-                    in_distribution: np.ndarray | None = None) -> tuple[list[str], list[list[str]]]:
+                    in_distribution: np.ndarray | None = None,
+                    decisions: list[Decision] | None = None) -> tuple[list[str], list[list[str]]]:
     """The CSV's header and one row per predicted file: path, label (the most probable class, also for a photo
     that is neither: the nearest class), confidence, each class's probability, and with an out-of-distribution
-    score `ood_score` and `in_distribution` (true/false)."""
+    score `ood_score` and `in_distribution` (true/false); for a model with taught "neither" examples also
+    `neither_score` (their head's), `neither_distance` (to the nearest), `refused_by` (empty, "unlike the training
+    photos" or "like a taught neither example") and `nearest_neither` (the nearest example's name, where they
+    refused the photo)."""
     header = ["path", "label", "confidence"] + [f"prob_{name}" for name in class_names]
     if in_distribution is not None:
         header += ["ood_score", "in_distribution"]
+        if decisions is not None:
+            header += ["neither_score", "neither_distance", "refused_by", "nearest_neither"]
     rows = []
     for position, (index, probabilities) in enumerate(zip(outcome.indices, outcome.probabilities)):
         best = int(probabilities.argmax())
         row = [str(paths[index]), class_names[best], f"{probabilities[best]:.6f}"] + [f"{p:.6f}" for p in probabilities]
         if in_distribution is not None:
             row += [f"{outcome.ood_scores[position]:.6f}", "true" if in_distribution[position] else "false"]
+            if decisions is not None:
+                decision = decisions[position]
+                row += [f"{outcome.neither_scores[position]:.6f}", f"{outcome.neither_distances[position]:.6f}",
+                        decision.refused_by, decision.nearest_neither]
         rows.append(row)
     return header, rows
 
@@ -384,10 +525,14 @@ def print_predictions(header: Sequence[str], rows: Sequence[Sequence[str]]) -> N
     the training photos says so, with the nearest class."""
     width = max(len(row[0]) for row in rows) if rows else 0
     decision = header.index("in_distribution") if "in_distribution" in header else None
+    reason = header.index("refused_by") if "refused_by" in header else None
+    example = header.index("nearest_neither") if "nearest_neither" in header else None
     for row in rows:
         path, label, confidence = row[0], row[1], float(row[2])
         if decision is not None and row[decision] == "false":
-            print(f"{path:<{width}}  neither: unlike the training photos (nearest: {label} {confidence:.3f})")
+            why = row[reason] if reason is not None and row[reason] else REFUSED_UNLIKE
+            like = f"{row[example]}; " if why == REFUSED_TAUGHT and example is not None and row[example] else ""
+            print(f"{path:<{width}}  neither: {why} ({like}nearest: {label} {confidence:.3f})")
         else:
             print(f"{path:<{width}}  {label}  {confidence:.3f}")
 

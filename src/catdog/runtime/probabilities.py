@@ -57,6 +57,28 @@ def choose_mirror_threshold(view_logits: np.ndarray, labels: np.ndarray, tempera
     return chosen
 
 
+# Why a photo is "neither" (predict's `refused_by` column, serve's field of the same name).
+REFUSED_UNLIKE = "unlike the training photos"
+REFUSED_TAUGHT = "like a taught neither example"
+
+
+def taught_advantage(ood_scores, neither_distances) -> np.ndarray:
+    """How much nearer a photo is to the taught "neither" examples (`catdog train --neither`) than to the training
+    photos: its out-of-distribution score (the distance to the training photos) minus its distance to the
+    taught examples, both from the exported file. Above the run's margin the photo is refused."""
+    return np.asarray(ood_scores, dtype=np.float64) - np.asarray(neither_distances, dtype=np.float64)
+
+
+def taught_refusals(ood_scores, neither_distances, margin: float, neither_scores=None,
+                    threshold: float | None = None) -> np.ndarray:
+    """Where the taught examples refuse a photo: nearer them than the training photos by more than `margin`, or
+    (with the run's head of the examples, `neither_scores`) scored above its `threshold`."""
+    refused = taught_advantage(ood_scores, neither_distances) > margin
+    if neither_scores is not None and threshold is not None:
+        refused = refused | (np.asarray(neither_scores, dtype=np.float64) > threshold)
+    return refused
+
+
 def threshold_keeping(validation_scores, keep: float) -> float:
     """The out-of-distribution score at or below which a share `keep` of the validation photos lies.
 

@@ -19,6 +19,7 @@ from catdog.runtime.transforms import Preprocess
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 OOD_FILE = "ood.safetensors"  # the out-of-distribution bank (catdog.training.ood), exported with the weights
+NEITHER_FILE = "neither.safetensors"  # the taught "neither" examples' bank (catdog.training.neither), likewise
 LAST_CHECKPOINT_FILE = "last_checkpoint.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
@@ -48,6 +49,15 @@ class RunMeta:
     ood_keep: the share of validation photos the threshold was chosen to keep.
     ood_validation_scores: the validation photos' scores, sorted, so a threshold for another share can be chosen
     later (`--ood-keep`) without the training photos.
+    neither_margin: with taught "neither" examples (`catdog train --neither DIR`, `neither.safetensors`): a photo
+    nearer them than the training photos by more than this (`probabilities.taught_refusals`) is "neither" too;
+    None: the run has none.
+    neither_threshold: and a photo the examples' head (pets against examples) scores above this is "neither" too.
+    neither_keep: the share of validation photos the head's threshold was chosen to keep.
+    neither_files: the taught examples' names (folder name / path inside it), in the order of the bank, so an
+    answer can say which one a photo is like.
+    neither_summary: what was used and measured: counts (photos, left out as duplicates or as training photos,
+    unreadable), the held-out estimate, the validation photos refused.
     """
 
     model_name: str
@@ -62,7 +72,17 @@ class RunMeta:
     ood_threshold: float | None = None
     ood_keep: float | None = None
     ood_validation_scores: list[float] = field(default_factory=list)
+    neither_margin: float | None = None
+    neither_threshold: float | None = None
+    neither_keep: float | None = None
+    neither_files: list[str] = field(default_factory=list)
+    neither_summary: dict[str, Any] = field(default_factory=dict)
     catdog_version: str = __version__
+
+    @property
+    def taught_neither(self) -> int:
+        """How many taught "neither" examples the run's bank holds (0: none)."""
+        return len(self.neither_files) if self.neither_margin is not None else 0
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -97,13 +117,13 @@ def check_not_pickle(path: str | os.PathLike) -> None:
 
 def weights_digest(run: str | os.PathLike) -> str:
     """The SHA-1 of what a run's export is made of: its weights file, its out-of-distribution bank
-    (`ood.safetensors`) when it has one, and its `meta.json` (preprocessing, temperature, thresholds: an export
+    (`ood.safetensors`) and taught examples' bank (`neither.safetensors`) when it has them, and its `meta.json` (preprocessing, temperature, thresholds: an export
     carries them, so an edited meta.json must not be served from an old file). An export records it, so a stale
     model.onnx is never used."""
     digest = hashlib.sha1()
-    for name in (MODEL_FILE, OOD_FILE, META_FILE):
+    for name in (MODEL_FILE, OOD_FILE, NEITHER_FILE, META_FILE):
         path = Path(run) / name
-        if name == OOD_FILE and not path.is_file():
+        if name in (OOD_FILE, NEITHER_FILE) and not path.is_file():
             continue
         try:
             digest.update(path.read_bytes())

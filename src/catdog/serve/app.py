@@ -62,11 +62,16 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         loaded = predictor or await asyncio.to_thread(load_model_file, config.model, config.inference_threads, config.device,
                                                       config.ood_keep)
 
-        def predict_batch(images: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
-            """(probabilities, out-of-distribution score or None) per image."""
-            probabilities, ood_scores = loaded.predict_batch(images, tta=config.tta, check_orientation=config.check_orientation)
-            scores = [None] * len(probabilities) if ood_scores is None else [float(score) for score in ood_scores]
-            return list(zip(probabilities, scores))
+        def predict_batch(images: np.ndarray) -> list[tuple[np.ndarray, float | None, tuple[float, int, float] | None]]:
+            """(probabilities, out-of-distribution score or None, the taught "neither" examples' (distance, nearest
+            index, head score) or None) per image."""
+            scored = loaded.score_batch(images, tta=config.tta, check_orientation=config.check_orientation)
+            count = len(scored.probabilities)
+            scores = [None] * count if scored.ood_scores is None else [float(score) for score in scored.ood_scores]
+            taught = ([None] * count if scored.neither_distances is None else
+                      [(float(d), int(i), float(h)) for d, i, h in
+                       zip(scored.neither_distances, scored.nearest_neither, scored.neither_scores)])
+            return list(zip(scored.probabilities, scores, taught))
 
         # The largest micro-batch: the size this network runs fastest at on this machine (measured once, then
         # cached), unless --max-batch-size says; a server's stream of photos always pays for the measurement.

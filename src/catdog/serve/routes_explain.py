@@ -31,6 +31,7 @@ router = APIRouter()
 
 
 @router.post("/explain", openapi_extra=UPLOAD_DOC, tags=["prediction"], response_model=Explanation,
+             response_model_exclude_unset=True,
              responses={**PREDICT_ERROR_RESPONSES, 501: {"model": ErrorBody, "description": "the served model file has no heatmaps"}})
 async def explain(request: Request):
     """Classify one image (multipart field `file`, or the raw image as the body) and return the Grad-CAM heatmap of
@@ -57,5 +58,7 @@ async def explain(request: Request):
         return problem_response(problem)
     finished = time.perf_counter()
     seconds = {"decode": decoded - started, "inference": finished - decoded, "total": finished - started}
-    return {**answer(service, explanation.probabilities, explanation.ood_score, seconds),
+    taught = (None if explanation.neither_distance is None
+              else (explanation.neither_distance, explanation.nearest_neither_index, explanation.neither_score))
+    return {**answer(service, explanation.probabilities, explanation.ood_score, seconds, taught),
             "overlay_png": base64.b64encode(overlay).decode("ascii")}

@@ -104,31 +104,39 @@ async def classify(service, name: str, data: bytes) -> dict:
     tensor = await loop.run_in_executor(service.decoder, decode, service, name, data)
     decoded = time.perf_counter()
     try:
-        probabilities, ood_score = await service.batcher.submit(tensor)
+        probabilities, ood_score, taught = await service.batcher.submit(tensor)
     except Overloaded as error:
         raise RequestProblem(503, "overloaded", str(error)) from error
     finished = time.perf_counter()
     return answer(service, probabilities, ood_score, {"decode": decoded - started, "inference": finished - decoded,
-                                                      "total": finished - started})
+                                                      "total": finished - started}, taught)
 
 
-def answer(service, probabilities, ood_score: float | None, seconds: dict[str, float]) -> dict:
-    """The JSON of one classified image (`schemas.Prediction`); counts the answers that said neither."""
+def answer(service, probabilities, ood_score: float | None, seconds: dict[str, float],
+           taught: tuple[float, int, float] | None = None) -> dict:
+    """The JSON of one classified image (`schemas.Prediction`); counts the answers that said neither. `taught`: the
+    distance to the taught "neither" examples, the nearest one's index and their head's score, for a model that has
+    them (the answer then has `neither_score`, `neither_distance`, `refused_by` and `nearest_neither` too)."""
     predictor = service.predictor
     best = int(probabilities.argmax())
-    in_distribution = ood_score is None or bool(predictor.in_distribution(ood_score))
-    if not in_distribution:
+    decision = predictor.decide(ood_score, *(taught or (None, None, None)))
+    if not decision.in_distribution:
         service.metrics.out_of_distribution.inc()
-    return {
+    body = {
         "label": predictor.class_names[best],
         "confidence": round(float(probabilities[best]), 6),
         "probabilities": {name: round(float(p), 6) for name, p in zip(predictor.class_names, probabilities)},
-        "in_distribution": in_distribution,
+        "in_distribution": decision.in_distribution,
         "ood_score": None if ood_score is None else round(float(ood_score), 6),
         "model": predictor.model_name,
         "zero_training": predictor.is_zero_training,
         "timing_ms": {name: round(1000 * value, 2) for name, value in seconds.items()},
     }
+    if predictor.has_taught_neither and taught is not None:  # only a model taught examples of "neither" says these
+        body.update({"neither_score": round(float(taught[2]), 6), "neither_distance": round(float(taught[0]), 6),
+                     "refused_by": decision.refused_by,
+                     "nearest_neither": decision.nearest_neither or None})
+    return body
 
 
 def problem_response(problem: RequestProblem) -> JSONResponse:
@@ -161,7 +169,7 @@ BATCH_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data"
 
 
 @router.post("/predict", openapi_extra=UPLOAD_DOC, tags=["prediction"], response_model=Prediction,
-             responses=PREDICT_ERROR_RESPONSES)
+             response_model_exclude_unset=True, responses=PREDICT_ERROR_RESPONSES)
 async def predict(request: Request):
     """Classify one image: multipart field `file`, or the raw image as the request body."""
     service = getattr(request.app.state, "service", None)
@@ -178,7 +186,7 @@ async def predict(request: Request):
 
 
 @router.post("/predict/batch", openapi_extra=BATCH_DOC, tags=["prediction"], response_model=BatchResult,
-             responses={**PREDICT_ERROR_RESPONSES, 422: {**PREDICT_ERROR_RESPONSES[422], "description":
+             response_model_exclude_unset=True, responses={**PREDICT_ERROR_RESPONSES, 422: {**PREDICT_ERROR_RESPONSES[422], "description":
                         "no file, a malformed form, or more files than --max-batch-files (the schema's maxItems)"}})
 async def predict_batch(request: Request):
     """Classify several images (multipart fields `files`, or repeated `file`): one result or one error per file, in order."""

@@ -42,6 +42,19 @@ class Prediction(BaseModel):
     model: str = Field(description="the model's name")
     zero_training: bool = Field(description="true for the built-in zero-training cat/dog model (no run given)")
     timing_ms: Timing
+    # Only from a model trained with taught examples of "neither" (`catdog train --neither DIR`); absent otherwise.
+    neither_score: float | None = Field(None, description="only for a model taught examples of \"neither\": their "
+                                                          "head's score (higher: more like them than like the "
+                                                          "training photos)")
+    neither_distance: float | None = Field(None, description="only for a model taught examples of \"neither\": the "
+                                                             "distance to the nearest of them (lower: more alike)")
+    refused_by: Literal["", "unlike the training photos", "like a taught neither example"] | None = Field(
+        None, description="only for a model taught examples of \"neither\": why the photo is neither (\"unlike the "
+                          "training photos\": the out-of-distribution score; \"like a taught neither example\": the "
+                          "examples' head, or nearer one of them than any validation photo), or \"\" when it is not")
+    nearest_neither: str | None = Field(None, description="only for a model taught examples of \"neither\": the "
+                                                          "file name of the nearest taught example, when the "
+                                                          "examples refused the photo; null otherwise")
 
 
 class Explanation(Prediction):

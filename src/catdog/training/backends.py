@@ -24,6 +24,7 @@ from catdog.runtime.predict import (
     Predictor,
     collect_or_fail,
     message_log,
+    outcome_decisions,
     write_prediction_outputs,
 )
 from catdog.runtime.model_file import load_model_file
@@ -46,7 +47,9 @@ class TorchNetwork:
                                                                   memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
             values = dict(zip(self.network.output_names, self.network(images)))
-        return {name: values[name].float().cpu().numpy() for name in outputs}
+        # Indices (nearest_neither) stay integers; everything else comes back in float32, as ONNX Runtime gives it.
+        return {name: (values[name].float() if values[name].is_floating_point() else values[name]).cpu().numpy()
+                for name in outputs}
 
 
 def load_torch_predictor(run: str | None, device: str | torch.device = "auto", ood_keep: float | None = None) -> Predictor:
@@ -78,22 +81,23 @@ def predict_files_across_ranks(predictor: Predictor, paths: Sequence[Path], batc
     if world_size() == 1:
         return mine
     indices: list[int] = []
-    chunks: list[np.ndarray] = []
-    score_chunks: list[np.ndarray] = []
     errors: list[ImageLoadError] = []
     shares = all_gather_objects((positions, mine))
     for share_positions, outcome in shares:
         indices.extend(share_positions[i] for i in outcome.indices)
-        chunks.append(outcome.probabilities)
-        if outcome.ood_scores is not None:
-            score_chunks.append(outcome.ood_scores)
         errors.extend(outcome.errors)
     order = np.argsort(indices, kind="stable")
     position_of = {str(path): i for i, path in enumerate(paths)}
     errors.sort(key=lambda error: position_of.get(error.path, len(paths)))
-    ood_scores = np.concatenate(score_chunks)[order] if mine.ood_scores is not None else None
-    return PredictionOutcome([indices[i] for i in order], np.concatenate(chunks)[order], errors,
-                             max(outcome.seconds for _, outcome in shares), ood_scores)
+
+    def joined(name: str) -> np.ndarray | None:  # each rank's share, in the order of `paths`
+        if getattr(mine, name) is None:
+            return None
+        return np.concatenate([getattr(outcome, name) for _, outcome in shares])[order]
+
+    return PredictionOutcome([indices[i] for i in order], joined("probabilities"), errors,
+                             max(outcome.seconds for _, outcome in shares), joined("ood_scores"),
+                             joined("neither_distances"), joined("nearest_neither"), joined("neither_scores"))
 
 
 def join_ranks(device: str) -> str:
@@ -115,4 +119,4 @@ def run_predict_across_ranks(config: PredictConfig, predictor: Predictor, log: C
     if not main:
         return 0  # rank 0 writes the CSVs and reports
     return write_prediction_outputs(config, paths, left_out, predictor.class_names, outcome, log,
-                                    predictor.in_distribution(outcome.ood_scores))
+                                    *outcome_decisions(predictor, outcome))

@@ -33,13 +33,24 @@ PRESETS = {
     "default": {"model": "efficientnet_lite2", "flip": True, "feature_image_size": 300, "damage_views": 0.0,
                 "denoise_above": 0.0},
 }
+# `--neither-keep`: the taught examples' head keeps this share of the validation photos (`training/neither.py` says
+# why this value: at 99.5% it refused 1.75% of the original-size Kaggle photos).
+NEITHER_KEEP = 0.998
 # history.csv: one row per epoch, written by `loop.Tracker`
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds", "images_per_second"]
 
 
+def as_list(value) -> list[str]:
+    """A list option's values as strings; one string (as config files written before it was a list hold) is a
+    one-item list, an empty one none."""
+    if value is None or isinstance(value, (str, Path)):
+        return [str(value)] if value else []
+    return [str(item) for item in value if str(item)]
+
+
 @dataclass
 class TrainConfig:
-    data: str = option("", "data set: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest")
+    data: list[str] = option([], "data set: a folder (Kaggle flat, class sub-folders, PetImages) or a CSV manifest; repeatable (--data A --data B, or --data A B): several sources, each in its own layout, merged with byte-identical copies left out and reported, then one split", repeatable=True, metavar="DIR")
     out: str = option("runs/latest", "run directory to create")
     preset: str = option("default", "fast: EfficientNet-Lite0 features at 224 px; default: Lite2 features at 300 px (2.4x slower, more accurate); both with mirror images", choices=tuple(PRESETS))
     model: str = option("", "model name (see `catdog models`); empty: the preset's model")
@@ -74,6 +85,8 @@ class TrainConfig:
     amp: bool = option(True, "mixed precision on CUDA")
     calibrate: bool = option(True, "fit a temperature on the validation split to calibrate probabilities (never sharpening below T = 1 unless validation has >= 500 images and >= 5 errors; see calibration.py)")
     ood_keep: float = option(0.99, "\"neither\": the out-of-distribution threshold keeps this share of the validation photos (see catdog/training/ood.py)")
+    neither: list[str] = option([], "a folder of photos that are none of the classes (any layout, sub-folders searched): examples of what to answer \"neither\" to, never a class of the model and never counted in its accuracy; repeatable. The run learns a head of them against the training photos and keeps a bank of them; a photo the head puts on their side, or nearer one of them than any validation photo is, is refused, naming the nearest example (see catdog/training/neither.py)", repeatable=True, metavar="DIR")
+    neither_keep: float = option(NEITHER_KEEP, "with --neither: the threshold of the taught examples' head (training photos against examples) is chosen to keep this share of the validation photos (see catdog/training/neither.py)")
     exclude: str = option("", "leave out the photos this file lists: a label_issues.csv from `catdog data issues` (its flagged rows) or a plain list of paths, one per line (like `data audit`'s quarantine.txt)", metavar="FILE")
     time_budget: float = option(0.0, "minutes for the whole run (0: no limit); head strategy: feature extraction stops in time to train the head (a tenth of the budget, at least 10 s) on the photos it reached, and a rerun continues from the cache; training stops after the last epoch that fits")
     cache_dir: str = option("", "feature and ONNX cache folder; empty: $CATDOG_CACHE or ~/.cache/catdog")
@@ -83,6 +96,7 @@ class TrainConfig:
     def __post_init__(self):
         from catdog.training.models import get_model_spec  # torch: only once a command runs, never for --help
 
+        self.data, self.neither = as_list(self.data), as_list(self.neither)  # one string: a config file from catdog < 0.7
         if not self.data and not self.resume:
             raise ValueError("--data is required")
         if self.preset not in PRESETS:
@@ -113,6 +127,8 @@ class TrainConfig:
             raise ValueError("val_fraction must be between 0 and 1")
         if not 0.0 < self.ood_keep <= 1.0:
             raise ValueError("ood_keep must be in (0, 1]")
+        if not 0.0 < self.neither_keep <= 1.0:
+            raise ValueError("neither_keep must be in (0, 1]")
 
 
 @dataclass

@@ -19,9 +19,10 @@ import torch
 from catdog.training.config import EvaluateConfig
 from catdog.training.calibration import ReliabilityCurve, plot_reliability_diagrams, reliability_curve, remove_temperature
 from catdog.training.checkpoint import load_model
-from catdog.training.ood import OOD_FILE, KnnScorer, out_of_distribution_summary, plot_out_of_distribution_scores
-from catdog.runtime.runs import RunError, check_not_pickle, read_meta
-from catdog.runtime.data import DataError, describe_left_out, discover, find_image_files, relative_to_root
+from catdog.training.neither import TaughtNeither
+from catdog.training.ood import OOD_FILE, KnnScorer, TaughtScores, out_of_distribution_summary, plot_out_of_distribution_scores
+from catdog.runtime.runs import NEITHER_FILE, RunError, RunMeta, check_not_pickle, read_meta
+from catdog.runtime.data import DataError, describe_left_out, discover, discover_sources, find_image_files, relative_to_root
 from catdog.training.devices import resolve_device
 from catdog.training.features import extract_features, file_digest, view_name
 from catdog.runtime.files import write_csv_atomic, write_json_atomic, write_with_atomic
@@ -34,13 +35,18 @@ from catdog.runtime.probabilities import QUARTER_TURNS, OrientationCheck, softma
 
 
 def evaluation_images(run_dir: Path, data: str, layout: str):
-    """The labelled images to score and a note saying which they are."""
+    """The labelled images to score and a note saying which they are. A run trained on several sources (split.json
+    lists them) has them merged again as training merged them, so its validation split is found the same way."""
     split_path = run_dir / "split.json"
     split = json.loads(split_path.read_text()) if split_path.is_file() else None
     if not data and split is None:
         raise ValueError(f"{run_dir} has no split.json; pass --data")
     source = data or split["data"]
-    images = discover(source, layout)
+    if isinstance(source, list):
+        images, _ = discover_sources(source, layout)
+        source = " + ".join(source)
+    else:
+        images = discover(source, layout)
     if split and Path(images.root).resolve() == Path(split["root"]) and split.get("val"):
         wanted = set(split["val"])
         chosen = [i for i, path in enumerate(images.relative_paths()) if path in wanted]
@@ -72,15 +78,17 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     metrics.update(calibration_entries(meta.temperature, before, after))
     metrics["failed_files"] = [{"path": e.path, "reason": e.reason} for e in outcome.errors]
     out_dir = Path(config.out) if config.out else run_dir / "evaluation"
+    relative_paths = images.relative_paths()  # once: it resolves every path
+    scored_paths = [relative_paths[i] for i in outcome.indices]
+    if meta.taught_neither and outcome.neither_distances is not None:
+        metrics["taught_neither"] = taught_refusals_of(meta, outcome, scored_paths)
     if config.ood_data:
-        metrics["out_of_distribution"] = evaluate_out_of_distribution(config.ood_data, outcome, score_photos,
-                                                                      meta.ood_threshold, out_dir, log)
+        metrics["out_of_distribution"] = evaluate_out_of_distribution(config.ood_data, outcome, score_photos, meta,
+                                                                      out_dir, log)
     if config.corruptions:
         metrics["corruptions"] = corruption_table(config, images, log)
         plot_corruptions(metrics["corruptions"], out_dir / "corruptions.png")
     write_json_atomic(out_dir / "metrics.json", metrics)
-    relative_paths = images.relative_paths()  # once: it resolves every path
-    scored_paths = [relative_paths[i] for i in outcome.indices]
     write_predictions_csv(out_dir / "predictions.csv", scored_paths, labels, outcome.probabilities, class_names)
     plot_confusion_matrix(np.array(metrics["confusion_matrix"]), class_names, out_dir / "confusion_matrix.png")
     plot_roc(labels, outcome.probabilities, class_names, out_dir / "roc.png")
@@ -90,6 +98,8 @@ def evaluate_run(config: EvaluateConfig, log=print) -> dict:
     plot_mistakes([images.paths[outcome.indices[i]] for i in mistakes], labels[mistakes], outcome.probabilities[mistakes],
                   class_names, out_dir / "mistakes.png")
     log(format_metrics(metrics))
+    if "taught_neither" in metrics:
+        log(format_taught(metrics["taught_neither"]))
     if "corruptions" in metrics:
         log(format_corruptions(metrics["corruptions"]) + "\n(corruptions.png)")
     log(f"wrote metrics.json, predictions.csv, confusion_matrix.png, roc.png, reliability.png and mistakes.png "
@@ -115,10 +125,43 @@ def photo_scorer(config: EvaluateConfig, meta, tta: bool):
     return lambda paths: predictor.predict_files(paths, batch_size=config.batch_size, tta=tta, check_orientation=False)
 
 
-def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, score_photos, threshold: float | None,
+def taught_refusals_of(meta: RunMeta, outcome: PredictionOutcome, relative_paths: list[str]) -> dict:
+    """metrics.json's `taught_neither`: how many of the evaluated (pet) photos the run's taught "neither" examples
+    refuse, beside the automatic score, and which (with the example each is like)."""
+    from catdog.runtime.probabilities import taught_refusals
+
+    scores, distances = np.asarray(outcome.ood_scores), np.asarray(outcome.neither_distances)
+    taught = taught_refusals(scores, distances, meta.neither_margin, outcome.neither_scores, meta.neither_threshold)
+    unlike = scores > meta.ood_threshold
+    names = meta.neither_files
+    refused = [{"path": relative_paths[i], "ood_score": float(scores[i]), "neither_distance": float(distances[i]),
+                "nearest_neither": names[int(outcome.nearest_neither[i])] if 0 <= int(outcome.nearest_neither[i]) < len(names) else ""}
+               for i in np.flatnonzero(taught)]
+    return {"examples": meta.taught_neither, "margin": meta.neither_margin, "threshold": meta.neither_threshold,
+            "photos": len(scores),
+            "refused_by_score_share": float(unlike.mean()) if len(scores) else 0.0,
+            "refused_by_taught_share": float(taught.mean()) if len(scores) else 0.0,
+            "refused_share": float((taught | unlike).mean()) if len(scores) else 0.0,
+            "refused_by_taught": refused}
+
+
+def format_taught(entry: dict) -> str:
+    """evaluate's lines about the taught examples on the evaluated photos."""
+    lines = [f"neither: {entry['refused_share']:.2%} of the {entry['photos']} evaluated photos refused "
+             f"({entry['refused_by_score_share']:.2%} by the out-of-distribution score, {entry['refused_by_taught_share']:.2%} "
+             f"by the {entry['examples']} taught examples)"]
+    lines += [f"  {row['path']}: like {row['nearest_neither']}" for row in entry["refused_by_taught"][:10]]
+    if len(entry["refused_by_taught"]) > 10:
+        lines.append(f"  ... and {len(entry['refused_by_taught']) - 10} more (metrics.json, taught_neither)")
+    return "\n".join(lines)
+
+
+def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, score_photos, meta: RunMeta,
                                  out_dir: Path, log) -> dict:
     """Score the photos of `ood_data` (none of the run's classes) beside the evaluated photos; metrics.json's
-    `out_of_distribution` entry and ood_scores.png."""
+    `out_of_distribution` entry, ood_scores.png and ood_predictions.csv (each photo's score and, with taught
+    examples, why it was refused and by which example)."""
+    threshold = meta.ood_threshold
     if outcome.ood_scores is None or threshold is None:
         raise RunError("--ood-data: this run has no out-of-distribution score (trained before catdog 0.5); train it again")
     folder = Path(ood_data)
@@ -128,12 +171,49 @@ def evaluate_out_of_distribution(ood_data: str, outcome: PredictionOutcome, scor
     other = score_photos(paths)
     relative = [relative_to_root(paths[i], folder) for i in other.indices]
     groups = [path.split("/")[0] if "/" in path else folder.name for path in relative]  # sub-folders, if any
-    summary = out_of_distribution_summary(outcome.ood_scores, other.ood_scores, threshold, groups, str(folder))
+    taught = None
+    names = meta.neither_files
+    if meta.taught_neither and outcome.neither_distances is not None and other.neither_distances is not None:
+        nearest = [names[int(i)] if 0 <= int(i) < len(names) else "" for i in other.nearest_neither]
+        taught = TaughtScores(meta.neither_margin, meta.neither_threshold, meta.taught_neither, outcome.neither_distances,
+                              outcome.neither_scores, other.neither_distances, other.neither_scores, nearest)
+    summary = out_of_distribution_summary(outcome.ood_scores, other.ood_scores, threshold, groups, str(folder), taught)
     plot_out_of_distribution_scores(outcome.ood_scores, other.ood_scores, threshold, folder.name, out_dir / "ood_scores.png")
+    write_ood_predictions(out_dir / "ood_predictions.csv", relative, groups, other, threshold, taught)
     log(f"neither: AUROC {summary['auroc']:.4f} against {len(paths)} photos of {folder}; at the threshold "
         f"{summary['other_accepted_share']:.1%} of them accepted, {summary['validation_refused_share']:.1%} of the "
-        "evaluated photos refused (ood_scores.png)")
+        "evaluated photos refused (ood_scores.png, ood_predictions.csv)")
+    if taught is not None:
+        found = summary["taught"]
+        log(f"neither, with the {found['examples']} taught examples: {found['other_accepted_share']:.1%} of them accepted "
+            f"({found['other_refused_by_taught']} refused by the taught examples, {found['other_refused_by_taught_only']} "
+            f"of those accepted by the score alone), {found['validation_refused_share']:.1%} of the evaluated photos refused"
+            + ("; most refusing: " + ", ".join(f"{name} ({count})" for name, count in found["nearest_examples"][:3])
+               if found["nearest_examples"] else ""))
     return summary
+
+
+def write_ood_predictions(path: Path, relative: list[str], groups: list[str], other: PredictionOutcome, threshold: float,
+                          taught: TaughtScores | None) -> None:
+    """One row per --ood-data photo: its group, score, decision and (with taught examples) why and which example."""
+    from catdog.runtime.probabilities import REFUSED_TAUGHT, REFUSED_UNLIKE
+
+    header = ["path", "group", "ood_score", "in_distribution"]
+    scores = np.asarray(other.ood_scores)
+    refused_taught = np.zeros(len(scores), dtype=bool)
+    if taught is not None:
+        header += ["neither_score", "neither_distance", "refused_by", "nearest_neither"]
+        refused_taught = taught.refusals(scores, other=True)
+    rows = []
+    for i, (name, group, score) in enumerate(zip(relative, groups, scores)):
+        unlike = score > threshold
+        row = [name, group, f"{score:.6f}", "false" if unlike or refused_taught[i] else "true"]
+        if taught is not None:
+            why = REFUSED_TAUGHT if refused_taught[i] else REFUSED_UNLIKE if unlike else ""
+            head = "" if taught.other_scores is None else f"{taught.other_scores[i]:.6f}"
+            row += [head, f"{taught.other_distances[i]:.6f}", why, taught.other_nearest[i] if refused_taught[i] else ""]
+        rows.append(row)
+    write_csv_atomic(path, header, rows)
 
 
 def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device: str, backend: str,
@@ -149,10 +229,13 @@ def predict_through_feature_cache(run_dir: Path, paths: list, tta: bool, device:
     with torch.inference_mode():
         logits = model.head(torch.from_numpy(feature_set.features[usable])).mean(dim=1)  # averaged over the views
         probabilities = torch.softmax(logits / meta.temperature, dim=1).numpy()
-    ood_scores = None
+    ood_scores = neither_distances = nearest = head_scores = None
     if meta.ood_method == "knn" and (run_dir / OOD_FILE).is_file():  # the first view, as predict scores it
         ood_scores = KnnScorer.load(run_dir / OOD_FILE).scores(feature_set.features[usable, 0])
-    return PredictionOutcome(usable.tolist(), probabilities, feature_set.errors, feature_set.seconds, ood_scores)
+        if meta.taught_neither and (run_dir / NEITHER_FILE).is_file():
+            head_scores, neither_distances, nearest = TaughtNeither.load(run_dir / NEITHER_FILE).outputs(feature_set.features[usable, 0])
+    return PredictionOutcome(usable.tolist(), probabilities, feature_set.errors, feature_set.seconds, ood_scores,
+                             neither_distances, nearest, head_scores)
 
 
 def write_predictions_csv(path: Path, relative_paths: list[str], labels: np.ndarray, probabilities: np.ndarray,

@@ -4,8 +4,13 @@ The exported file is what predict and serve run without torch (`catdog.runtime.p
 - the network, with three outputs (`DeployableNetwork`): "logits"; "features", the pooled penultimate vector
   (what the head sees); and, for networks whose head is linear on average-pooled convolutional features (the
   EfficientNets, ResNets and the built-in model), "class_maps": each class's Grad-CAM map;
-- in its metadata: the run's `meta.json` (class names, preprocessing, temperature, mirror-view threshold), where a
-  heatmap cell looks in the input (`heatmap_offset`), and the digest of the weights it came from.
+- for a run trained with taught "neither" examples (`catdog train --neither DIR`, `neither.py`), three more
+  outputs: "neither_score", the examples' head's decision value; "neither_distance", the distance to the nearest
+  example; and "nearest_neither", its index (its name is in the metadata, `neither_files`); the rule's thresholds
+  are in the metadata too, so the file alone refuses what the run refuses;
+- in its metadata: the run's `meta.json` (class names, preprocessing, temperature, mirror-view threshold, the
+  "neither" margin and examples), where a heatmap cell looks in the input (`heatmap_offset`), and the digest of the
+  weights it came from.
 
 Why Grad-CAM can live inside the file: Grad-CAM weighs the channels of the last convolutional map A by the spatial
 mean of the gradient of the class's score (Selvaraju et al., 2017). When the score depends on A only through its
@@ -51,7 +56,8 @@ from catdog.training.models import (
 from catdog.runtime.inference import session_options
 from catdog.runtime.model_file import MODEL_FORMAT, open_run
 from catdog.runtime.predict import ZERO_TRAINING_STRATEGY, Predictor
-from catdog.runtime.runs import weights_digest
+from catdog.runtime.runs import NEITHER_FILE, RunError, weights_digest
+from catdog.training.neither import TaughtNeither
 from catdog.training.ood import OOD_FILE, KnnScorer
 from catdog.runtime.probabilities import softmax
 from catdog.runtime.runs import RunMeta
@@ -78,7 +84,7 @@ class DeployableNetwork(nn.Module):
     score and heatmaps need. `has_class_maps` is False for networks without a convolutional map under an average
     pool (transformers, for instance); they export logits and features only."""
 
-    def __init__(self, model: nn.Module, ood_score: nn.Module | None = None):
+    def __init__(self, model: nn.Module, ood_score: nn.Module | None = None, neither: nn.Module | None = None):
         super().__init__()
         self.model = model.eval()
         network = model.imagenet_model if isinstance(model, ImageNetCatDogClassifier) else model.backbone
@@ -86,11 +92,14 @@ class DeployableNetwork(nn.Module):
         # The out-of-distribution score: a run's (`ood.KnnScore` on the features), or the built-in model's own.
         self.ood_score = ood_score
         self.has_ood_score = ood_score is not None or isinstance(model, ImageNetCatDogClassifier)
+        # The taught "neither" examples (`neither.TaughtNeitherScore` on the same features), beside a run's own score.
+        self.neither = neither if ood_score is not None else None
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return (("logits", "features") + (("class_maps",) if self.has_class_maps else ())
-                + (("ood_score",) if self.has_ood_score else ()))
+                + (("ood_score",) if self.has_ood_score else ())
+                + (("neither_score", "neither_distance", "nearest_neither") if self.neither is not None else ()))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map [N, C, h, w] (Grad-CAM's layer)."""
@@ -106,6 +115,8 @@ class DeployableNetwork(nn.Module):
         outputs = self._class_outputs(images)
         if self.ood_score is not None:
             outputs += (self.ood_score(outputs[1]),)
+            if self.neither is not None:
+                outputs += tuple(self.neither(outputs[1]))
         elif self.has_ood_score:  # the built-in model: -log of the probability ImageNet gives the pet classes
             group_sizes = torch.tensor([len(IMAGENET_CAT_CLASSES), len(IMAGENET_DOG_CLASSES)], dtype=torch.float32)
             outputs += (-torch.logsumexp(outputs[0] + group_sizes.log(), dim=1),)
@@ -281,7 +292,8 @@ def model_file_metadata(meta: RunMeta, offset: tuple[float, float], weights_sha1
     """What `predict.load_model_file` reads back (and plain fields other tools can read)."""
     return {"catdog_format": MODEL_FORMAT, "catdog_meta": json.dumps(meta.to_dict()), "heatmap_offset": json.dumps(list(offset)),
             "weights_sha1": weights_sha1, "catdog_version": __version__, "class_names": json.dumps(meta.class_names),
-            "preprocess": json.dumps(meta.preprocess.to_dict()), "temperature": str(meta.temperature)}
+            "preprocess": json.dumps(meta.preprocess.to_dict()), "temperature": str(meta.temperature),
+            "neither_examples": str(meta.taught_neither)}
 
 
 def builtin_model() -> tuple[nn.Module, RunMeta]:
@@ -298,7 +310,12 @@ def load_exportable(run: str | None) -> tuple[DeployableNetwork, RunMeta]:
         return DeployableNetwork(model), meta
     model, meta = load_model(run)
     scorer = KnnScorer.load(Path(run) / OOD_FILE) if meta.ood_method == "knn" and (Path(run) / OOD_FILE).is_file() else None
-    return DeployableNetwork(model, scorer.module() if scorer else None), meta
+    taught = None
+    if scorer is not None and meta.neither_margin is not None:
+        if not (Path(run) / NEITHER_FILE).is_file():
+            raise RunError(f"{run}: meta.json has taught \"neither\" examples but {NEITHER_FILE} is missing")
+        taught = TaughtNeither.load(Path(run) / NEITHER_FILE).module()
+    return DeployableNetwork(model, scorer.module() if scorer else None, taught), meta
 
 
 def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weights_sha1: str = "",
@@ -324,6 +341,14 @@ def write_model_file(network: DeployableNetwork, meta: RunMeta, out: Path, weigh
         if network.has_ood_score:
             (scores,) = session.run(["ood_score"], {"images": batch.numpy()})
             check_parity(reference_outputs["ood_score"].numpy(), scores, f"ONNX export of {meta.model_name}'s out-of-distribution score")
+        if network.neither is not None:
+            head, distances, nearest = session.run(["neither_score", "neither_distance", "nearest_neither"], {"images": batch.numpy()})
+            check_parity(reference_outputs["neither_score"].numpy(), head,
+                         f"ONNX export of {meta.model_name}'s head of the taught \"neither\" examples")
+            check_parity(reference_outputs["neither_distance"].numpy(), distances,
+                         f"ONNX export of {meta.model_name}'s distance to the taught \"neither\" examples")
+            check_nearest_parity(network.neither, reference_outputs["features"], reference_outputs["nearest_neither"].numpy(),
+                                 nearest, f"ONNX export of {meta.model_name}'s nearest taught example")
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(out)
     finally:
@@ -354,6 +379,19 @@ def parity_batch(run_dir: Path | None, preprocess, count: int) -> torch.Tensor:
     if not arrays:
         return random_images(preprocess.input_size, count)
     return torch.from_numpy(np.stack(arrays))
+
+
+def check_nearest_parity(bank: nn.Module, features: torch.Tensor, reference: np.ndarray, exported: np.ndarray, what: str) -> None:
+    """The exported file's nearest taught example is PyTorch's, or one as near (a tie within the tolerance)."""
+    with torch.inference_mode():
+        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if bank.projection is not None:
+            unit = unit @ bank.projection
+        similarity = (unit @ bank.bank.float().t()).numpy()
+    rows = np.arange(len(reference))
+    gap = np.abs(similarity[rows, reference] - similarity[rows, np.asarray(exported, dtype=np.int64)])
+    if exported.shape != reference.shape or not (gap <= PARITY_TOLERANCE).all():
+        raise ExportParityError(f"{what}: another example than PyTorch's for {int((gap > PARITY_TOLERANCE).sum())} images")
 
 
 def check_parity(reference: np.ndarray, exported: np.ndarray, what: str) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -88,9 +89,11 @@ def augmentation_of_strength(strength: float) -> Augmentation:
 
 
 def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-             val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+             val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log,
+             neither_paths: Sequence[Path] = ()):
     """Train `model` in place; return (history, skipped files, validation logits, validation labels, (training
-    and validation features for the out-of-distribution score)).
+    and validation features for the out-of-distribution score, and the fine-tuned network's features of the taught
+    "neither" examples with their positions in `neither_paths`, or None)).
 
     Under torchrun every rank runs this with the same arguments: DistributedDataParallel averages the gradients,
     `GlobalBatchSampler` (a DistributedSampler) gives each rank its slice of every global batch, validation is
@@ -196,8 +199,31 @@ def finetune(config: TrainConfig, model: Classifier, preprocess: Preprocess, tra
         val_logits = model.head(val_features.to(device).float()).float().cpu()
     train_features = out_of_distribution_bank_features(model, train_images, val_loader.batch_size, preprocess, device,
                                                        amp_dtype, config.seed, options)
+    neither = None
+    if neither_paths:  # the taught examples through the fine-tuned network, as the bank above
+        neither = backbone_features(model, list(neither_paths), val_loader.batch_size, preprocess, device, amp_dtype, options)
+        log(f"neither: fine-tuned features of {len(neither[1])} of {len(neither_paths)} taught examples")
     model.cpu()
-    return tracker.history, list(skipped.values()), val_logits, val_labels, (train_features, val_features.numpy())
+    return tracker.history, list(skipped.values()), val_logits, val_labels, (train_features, val_features.numpy(), neither)
+
+
+def backbone_features(model: Classifier, paths: list[Path], batch_size: int, preprocess: Preprocess, device: torch.device,
+                      amp_dtype: torch.dtype | None, options: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's features (the vector its head sees) of `paths`, without augmentation, shared among the ranks:
+    (features of the files that loaded [usable, dim], their positions in `paths`), on every rank."""
+    positions = shard_indices(len(paths))
+    dataset = ImageFileDataset([paths[i] for i in positions], [0] * len(positions), eval_transform(preprocess),
+                               preprocess.resize_size)
+    loader = DataLoader(dataset, batch_size=batch_size, **options)
+    features, _, indices, _ = predict_logits(model.backbone, loader, device, amp_dtype)
+    shares = all_gather_objects((features, [positions[i] for i in indices.tolist()]))
+    kept = [(share_features, share_positions) for share_features, share_positions in shares if len(share_positions)]
+    if not kept:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    all_features = torch.cat([share[0] for share in kept]).float().numpy()
+    all_positions = np.array([position for share in kept for position in share[1]], dtype=np.int64)
+    order = np.argsort(all_positions, kind="stable")
+    return all_features[order], all_positions[order]
 
 
 def out_of_distribution_bank_features(model: Classifier, train_images: LabelledImages, batch_size: int,

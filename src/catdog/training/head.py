@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -82,14 +82,17 @@ class HeadData:
     val_labels: torch.Tensor
     skipped: list[ImageLoadError]
     train_first_views: torch.Tensor | None = None  # [usable training photos, dim]: each one's clean original view
+    # The taught "neither" examples' first views ([usable, dim]) and their positions in the list given (`--neither`)
+    neither: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess, train_images: LabelledImages,
-                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None) -> HeadData | None:
+                   val_images: LabelledImages, device: torch.device, log, deadline: float | None = None,
+                   neither_paths: Sequence[Path] = ()) -> HeadData | None:
     """Features of every training and validation photo, from the cache or the backbone. With a deadline the
     extraction stops there (see `extract_features`) and the photos it did not reach are left out, said in the log.
     Under torchrun the ranks share the extraction (`extract_features_across_ranks`) and only rank 0 gets the data;
-    the others get None."""
+    the others get None. `neither_paths` (taught "neither" examples, `--neither`): their first view only."""
     views = ("original", "flipped") if config.flip else ("original",)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     workers = default_num_workers() - 1 if config.num_workers < 0 else config.num_workers
@@ -99,6 +102,18 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
         feature_set = extract_features_across_ranks(all_paths, backbone, config.model, preprocess, views, device=device,
                                                     cache_dir=cache_dir, num_workers=workers, progress=bar.update,
                                                     deadline=deadline, seed=config.seed, batch_size=config.feature_batch_size)
+    neither = None
+    if neither_paths:  # the same backbone, one view: the automatic score compares first views too
+        with progress_bar(config.progress and is_main_process(), len(shard(list(neither_paths))), "neither") as bar:
+            neither_set = extract_features_across_ranks(list(neither_paths), backbone, config.model, preprocess, ("original",),
+                                                        device=device, cache_dir=cache_dir, num_workers=workers,
+                                                        progress=bar.update, deadline=deadline, seed=config.seed,
+                                                        batch_size=config.feature_batch_size)
+        if neither_set is not None:
+            usable_neither = np.flatnonzero(neither_set.valid_mask())
+            neither = (neither_set.features[usable_neither, 0], usable_neither)
+            log(f"neither: features of {len(usable_neither)} of {len(neither_paths)} taught examples in {neither_set.seconds:.1f} s "
+                f"({neither_set.computed} computed)" + (f", {len(neither_set.errors)} unreadable" if neither_set.errors else ""))
     if feature_set is None:  # another rank of a torchrun launch: it shares the damaged views' extraction too
         if config.damage_views:
             damaged_training_views(config, backbone, preprocess, train_images, None, device, cache_dir, workers, log, deadline)
@@ -132,7 +147,7 @@ def load_head_data(config: TrainConfig, backbone: Callable[[], nn.Module], prepr
         damaged, damaged_labels = damaged_training_views(config, backbone, preprocess, train_images, usable_train, device,
                                                          cache_dir, workers, log, deadline)
         samples, sample_labels = torch.cat([samples, damaged]), torch.cat([sample_labels, damaged_labels])
-    return HeadData(samples, sample_labels, val_features, val_labels, feature_set.errors, train_features[:, 0])
+    return HeadData(samples, sample_labels, val_features, val_labels, feature_set.errors, train_features[:, 0], neither)
 
 
 def damaged_training_views(config: TrainConfig, backbone: Callable[[], nn.Module], preprocess: Preprocess,
@@ -198,13 +213,16 @@ def extract_features_across_ranks(paths: list[Path], backbone: Callable[[], nn.M
 
 
 def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, train_images: LabelledImages,
-               val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log):
+               val_images: LabelledImages, device, run_dir: Path, resume_state, deadline: float | None, log,
+               neither_paths: Sequence[Path] = ()):
     """Train `model.head` on cached features; return (history, skipped files, validation logits, validation
-    labels, (training and validation features for the out-of-distribution score)). Under torchrun all ranks extract features, then rank 0 alone trains (seconds) and the others return
-    None."""
+    labels, (training and validation features for the out-of-distribution score, and the taught "neither"
+    examples' features with their positions in `neither_paths`, or None)). Under torchrun all ranks extract
+    features, then rank 0 alone trains (seconds) and the others return None."""
     # Leave a tenth of the budget (at least 10 s) for training the head on what extraction reached.
     extraction_deadline = None if deadline is None else deadline - max(10.0, config.time_budget * 6)
-    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline)
+    data = load_head_data(config, lambda: model.backbone, preprocess, train_images, val_images, device, log, extraction_deadline,
+                          neither_paths)
     if data is None:
         return None
     train_samples, train_sample_labels = data.train_samples, data.train_labels
@@ -250,5 +268,5 @@ def train_head(config: TrainConfig, model: Classifier, preprocess: Preprocess, t
         # photos predict gives the mirror view (`probabilities.choose_mirror_threshold`).
         val_view_logits = head(val_features)
     # The out-of-distribution score compares a photo's first view with the training photos' first (clean) views.
-    ood_features = (data.train_first_views.numpy(), val_features[:, 0].numpy())
+    ood_features = (data.train_first_views.numpy(), val_features[:, 0].numpy(), data.neither)
     return tracker.history, skipped, val_view_logits, val_labels, ood_features

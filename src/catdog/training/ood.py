@@ -96,9 +96,26 @@ class KnnScorer:
             out.append(1.0 - np.partition(similarity, -self.k, axis=1)[:, -self.k])
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
+    def scores_and_nearest(self, features: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """`scores`, and the bank row nearest each photo (its most similar vector), as the graph of `nearest_module`
+        computes them."""
+        bank = self.bank.astype(np.float32)
+        scores, nearest = [], []
+        for start in range(0, len(features), batch):
+            similarity = self.project(features[start:start + batch]) @ bank.T
+            scores.append(1.0 - np.partition(similarity, -self.k, axis=1)[:, -self.k])
+            nearest.append(similarity.argmax(axis=1))
+        if not scores:
+            return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        return np.concatenate(scores), np.concatenate(nearest).astype(np.int64)
+
     def module(self) -> "KnnScore":
         return KnnScore(torch.from_numpy(self.bank), self.k,
                         None if self.projection is None else torch.from_numpy(self.projection))
+
+    def nearest_module(self) -> "KnnNearest":
+        return KnnNearest(torch.from_numpy(self.bank), self.k,
+                          None if self.projection is None else torch.from_numpy(self.projection))
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {"bank": self.bank} if self.projection is None else {"bank": self.bank, "projection": self.projection}
@@ -129,6 +146,18 @@ class KnnScore(nn.Module):
         return 1.0 - similarity.topk(self.k, dim=1).values[:, -1]
 
 
+class KnnNearest(KnnScore):
+    """The score and the index of the nearest bank row in the graph: features [N, D] -> (score [N], nearest [N],
+    int64). The taught "neither" examples' bank (`neither.py`): the index names the example a photo is like."""
+
+    def forward(self, features: torch.Tensor):
+        unit = features.float() / features.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.projection is not None:
+            unit = unit @ self.projection
+        values, indices = (unit @ self.bank.float().t()).topk(self.k, dim=1)
+        return 1.0 - values[:, -1], indices[:, 0]
+
+
 # Below these, "neither" was measured to be unreliable (benchmarks/ood.py: 800 training and 200 validation photos of
 # the shared set let 37-45% of not-pets through; 4,800 and 1,200 let 0.1-0.3% through), so training says so.
 SMALL_BANK, SMALL_VALIDATION = 2000, 500
@@ -156,11 +185,37 @@ def fit_out_of_distribution(train_features: np.ndarray, val_features: np.ndarray
 # ---------------------------------------------------------------- measuring it (`catdog evaluate --ood-data DIR`)
 
 
+@dataclass
+class TaughtScores:
+    """A run's taught "neither" examples (`neither.py`) as evaluate measures them: the bank's margin and the head's
+    threshold, the evaluated photos' and the other photos' distances to the examples and head scores, and the name of
+    each other photo's nearest example."""
+
+    margin: float
+    threshold: float | None
+    examples: int
+    validation_distances: np.ndarray
+    validation_scores: np.ndarray | None
+    other_distances: np.ndarray
+    other_scores: np.ndarray | None
+    other_nearest: list[str]
+
+    def refusals(self, ood_scores: np.ndarray, other: bool) -> np.ndarray:
+        """Where the examples refuse the other photos (`other`) or the evaluated ones, given their ood scores."""
+        from catdog.runtime.probabilities import taught_refusals
+
+        distances, scores = ((self.other_distances, self.other_scores) if other
+                             else (self.validation_distances, self.validation_scores))
+        return taught_refusals(ood_scores, distances, self.margin, scores, self.threshold)
+
+
 def out_of_distribution_summary(validation_scores: np.ndarray, other_scores: np.ndarray, threshold: float,
-                                other_groups: list[str], other_data: str) -> dict:
+                                other_groups: list[str], other_data: str, taught: TaughtScores | None = None) -> dict:
     """How well the score tells the validation photos from the photos of `other_data` (which show none of the
     classes): AUROC (the chance an other photo scores above a validation photo), and at the run's threshold the
-    share of validation photos refused and of other photos accepted, overall and per group (sub-folder)."""
+    share of validation photos refused and of other photos accepted, overall and per group (sub-folder). With
+    `taught` (a run trained with --neither), `taught` also has the figures of the whole rule (the score or the
+    taught examples), what the taught examples refused beyond the score, and the examples that refused most."""
     from sklearn.metrics import roc_auc_score  # imported here: scikit-learn costs ~2 s at start-up
 
     validation_scores, other_scores = np.asarray(validation_scores, float), np.asarray(other_scores, float)
@@ -171,10 +226,42 @@ def out_of_distribution_summary(validation_scores: np.ndarray, other_scores: np.
     for group in sorted(set(other_groups)):
         scores = other_scores[[i for i, name in enumerate(other_groups) if name == group]]
         groups[group] = {"photos": len(scores), "accepted_share": float((scores <= threshold).mean())}
-    return {"data": other_data, "threshold": threshold, "auroc": auroc, "validation_photos": len(validation_scores),
-            "validation_refused_share": float((validation_scores > threshold).mean()) if len(validation_scores) else 0.0,
-            "other_photos": len(other_scores), "other_accepted_share": float((other_scores <= threshold).mean()) if len(other_scores) else 0.0,
-            "groups": groups}
+    summary = {"data": other_data, "threshold": threshold, "auroc": auroc, "validation_photos": len(validation_scores),
+               "validation_refused_share": float((validation_scores > threshold).mean()) if len(validation_scores) else 0.0,
+               "other_photos": len(other_scores), "other_accepted_share": float((other_scores <= threshold).mean()) if len(other_scores) else 0.0,
+               "groups": groups}
+    if taught is not None:
+        summary["taught"] = taught_summary(validation_scores, other_scores, threshold, other_groups, taught)
+    return summary
+
+
+def share(mask: np.ndarray) -> float:
+    return float(np.mean(mask)) if len(mask) else 0.0
+
+
+def taught_summary(validation_scores: np.ndarray, other_scores: np.ndarray, threshold: float, other_groups: list[str],
+                   taught: TaughtScores) -> dict:
+    """The whole rule's figures (refused: the score above the threshold, or the taught examples' rule) beside the
+    score's: shares accepted and refused, per group, and which taught examples refused the most other photos."""
+    from collections import Counter
+
+    validation_taught = taught.refusals(validation_scores, other=False)
+    other_taught = taught.refusals(other_scores, other=True)
+    validation_refused = validation_taught | (validation_scores > threshold)
+    other_accepted = ~other_taught & (other_scores <= threshold)
+    groups = {}
+    for group in sorted(set(other_groups)):
+        members = np.array([name == group for name in other_groups])
+        groups[group] = {"photos": int(members.sum()), "accepted_share": share(other_accepted[members]),
+                         "refused_by_taught_share": share(other_taught[members]),
+                         "accepted_without_taught_share": share(other_scores[members] <= threshold)}
+    nearest = Counter(name for name, refused in zip(taught.other_nearest, other_taught) if refused)
+    return {"examples": taught.examples, "margin": taught.margin, "threshold": taught.threshold,
+            "validation_refused_share": share(validation_refused), "validation_refused_by_taught_share": share(validation_taught),
+            "validation_refused_by_taught_only": int((validation_taught & (validation_scores <= threshold)).sum()),
+            "other_accepted_share": share(other_accepted), "other_refused_by_taught": int(other_taught.sum()),
+            "other_refused_by_taught_only": int((other_taught & (other_scores <= threshold)).sum()),
+            "groups": groups, "nearest_examples": [[name, count] for name, count in nearest.most_common(10)]}
 
 
 def plot_out_of_distribution_scores(validation_scores: np.ndarray, other_scores: np.ndarray, threshold: float,

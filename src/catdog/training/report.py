@@ -268,7 +268,7 @@ def summary_section(run_dir: Path, meta: RunMeta, train_config: dict, split: dic
         ["model", f"{escape(meta.model_name)} at {meta.preprocess.input_size} px; classes {escape(', '.join(meta.class_names))}"],
         ["strategy", escape(meta.strategy) + (f", preset {escape(train_config['preset'])}" if train_config.get("preset") else "")
          + (", mirror-image averaging" if meta.tta else "")],
-        ["training data", escape(split.get("data", "?")) + (f": {len(split.get('train', []))} training, {len(split.get('val', []))} validation photos" if split else "")],
+        ["training data", escape(source_text(split.get("data", "?"))) + (f": {len(split.get('train', []))} training, {len(split.get('val', []))} validation photos" if split else "")],
         ["time", f"trained {trained}; {len(history)} epochs, {loop_seconds:.1f} s in the training loop"],
         ["evaluated on", f"{escape(metrics.get('data', '?'))} ({metrics.get('count', 0)} photos scored; {escape(evaluation)})"],
         ["accuracy", interval_text(metrics["accuracy"], intervals.get("accuracy")) + " <small>Wilson</small>"],
@@ -345,22 +345,63 @@ def damaged_photos_evaluation(run_dir: Path, config: ReportConfig, evaluation: P
                                           device=config.device, corruptions=True), log=log)
 
 
+def source_text(data) -> str:
+    """split.json's data: one source, or several (a list) joined."""
+    return " + ".join(str(source) for source in data) if isinstance(data, list) else str(data)
+
+
 def neither_section(evaluation: Path, metrics: dict, meta: RunMeta) -> str:
-    """evaluate --ood-data's figures: how well the run tells its kind of photo from others, and the histograms."""
+    """evaluate --ood-data's figures: how well the run tells its kind of photo from others, and the histograms;
+    for a run taught examples of "neither", what they refused beside the automatic score, and why."""
     summary = metrics.get("out_of_distribution")
+    taught = taught_neither_text(metrics, meta)
     if not summary:
         if meta.ood_threshold is None:
             return "<p>This run has no out-of-distribution score (trained before catdog 0.5).</p>"
         return (f"<p>The run says \"neither\" above an out-of-distribution score of {meta.ood_threshold:.4f}, "
                 f"which keeps {meta.ood_keep or 0.99:.0%} of its validation photos. Not measured against other photos: "
-                "<code>catdog report --ood-data DIR</code> with a folder of photos showing none of the classes.</p>")
-    rows = [["all", summary["other_photos"], f"{summary['other_accepted_share']:.2%}"]]
-    rows += [[escape(name), group["photos"], f"{group['accepted_share']:.2%}"] for name, group in summary["groups"].items()]
+                "<code>catdog report --ood-data DIR</code> with a folder of photos showing none of the classes.</p>" + taught)
+    with_taught = "taught" in summary
+    rows = [["all", summary["other_photos"], f"{summary['other_accepted_share']:.2%}"]
+            + ([f"{summary['taught']['other_accepted_share']:.2%}"] if with_taught else [])]
+    rows += [[escape(name), group["photos"], f"{group['accepted_share']:.2%}"]
+             + ([f"{summary['taught']['groups'][name]['accepted_share']:.2%}"] if with_taught else [])
+             for name, group in summary["groups"].items()]
+    header = ["folder", "photos", "accepted by the score alone" if with_taught else "accepted"]
+    if with_taught:
+        header.append("accepted with the taught examples")
+        found = summary["taught"]
+        examples = ", ".join(f"{escape(name)} ({count})" for name, count in found["nearest_examples"][:5])
+        taught += (f"<p>With the {found['examples']} taught examples {found['other_refused_by_taught']} of these photos are "
+                   f"refused as \"like a taught neither example\" ({found['other_refused_by_taught_only']} of them accepted "
+                   f"by the score alone), and {found['validation_refused_share']:.2%} of the evaluated photos in all"
+                   + (f"; the examples that refused the most: {examples}" if examples else "")
+                   + ". Each photo's reason and example: <code>ood_predictions.csv</code> in the evaluation folder.</p>")
     return (f"<p>Against {summary['other_photos']} photos of <code>{escape(summary['data'])}</code>: AUROC "
             f"{summary['auroc']:.4f}; at the run's threshold ({summary['threshold']:.4f}) "
             f"{summary['validation_refused_share']:.2%} of the evaluated photos are refused and these shares of the "
-            "other photos accepted:</p>" + table(["folder", "photos", "accepted"], rows)
+            "other photos accepted:</p>" + table(header, rows) + taught
             + image_file_section(evaluation / "ood_scores.png", "histograms of the out-of-distribution scores"))
+
+
+def taught_neither_text(metrics: dict, meta: RunMeta) -> str:
+    """The run's taught "neither" examples: how many, and how many evaluated photos they refused (and which, with
+    the example each is like)."""
+    if not meta.taught_neither:
+        return ""
+    entry = metrics.get("taught_neither")
+    text = (f"<p>The run was taught {meta.taught_neither} examples of \"neither\" (<code>--neither</code>): a photo "
+            f"their head scores above {meta.neither_threshold:.4f} (chosen to keep {meta.neither_keep:.1%} of the "
+            "validation photos), or nearer one of them than any validation photo, is refused too.")
+    if entry:
+        text += (f" Of the {entry['photos']} evaluated photos they refuse {entry['refused_by_taught_share']:.2%} "
+                 f"(the score {entry['refused_by_score_share']:.2%}; both together {entry['refused_share']:.2%})")
+        listed = entry["refused_by_taught"][:8]
+        if listed:
+            text += ": " + ", ".join(f"<code>{escape(row['path'])}</code> like <code>{escape(row['nearest_neither'])}</code>"
+                                     for row in listed) + ("..." if len(entry["refused_by_taught"]) > 8 else "")
+        text += "."
+    return text + "</p>"
 
 
 def damaged_photos_section(evaluation: Path, metrics: dict) -> str:
@@ -449,6 +490,8 @@ def label_issue_rows(run_dir: Path, config: ReportConfig, split: dict, train_con
         raise FileNotFoundError(f"{config.label_issues}: no such label issues file")
     if not config.find_label_issues or not split:
         return [], ""
+    if isinstance(split.get("data"), list):  # the search reads one data set; a merged run's sources are several
+        return [], "not searched: the run merges several data sources; run `catdog data issues` on each"
     from catdog.runtime.data import DataError
     from catdog.training.label_issues import find_label_issues, write_label_issues_csv
 
