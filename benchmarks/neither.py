@@ -132,7 +132,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="predict speed: rounds of each file on each folder")
     parser.add_argument("--skip-loso", action="store_true", help="leave the leave-one-species-out runs out")
     parser.add_argument("--markdown", default="", help="also write the section to this file")
+    parser.add_argument("--report-only", action="store_true", help="print the section from --work's neither.json")
     arguments = parser.parse_args()
+    if arguments.report_only:
+        section = markdown(json.loads((Path(arguments.work) / "neither.json").read_text()))
+        print(section)
+        if arguments.markdown:
+            Path(arguments.markdown).write_text(section)
+        return
     require_shared_data()
     work = Path(arguments.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +234,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {count['taught']} / {count['held']} | {percent(base['held']['groups'][name]['accepted_share'])} | "
                      f"{percent(taught['held']['taught']['groups'][name]['accepted_share'])} | "
                      f"{percent(loso.get(name, {}).get('accepted_without_taught_share'))} | {percent(loso.get(name, {}).get('accepted_share'))} |")
-    lines.append(f"| all | | {percent(base['held']['other_accepted_share'])} | {percent(taught['held']['taught']['other_accepted_share'])} | | |")
+    loso_all = loso_without = None
+    if loso:  # every photo of every species, each measured by the run that was never shown its species
+        photos = {name: results["species"][name]["photos"] for name in loso}
+        loso_all = sum(loso[name]["accepted_share"] * photos[name] for name in loso) / sum(photos.values())
+        loso_without = sum(loso[name]["accepted_without_taught_share"] * photos[name] for name in loso) / sum(photos.values())
+    lines.append(f"| all | {sum(c['taught'] for c in results['species'].values())} / {sum(c['held'] for c in results['species'].values())} | "
+                 f"{percent(base['held']['other_accepted_share'])} | {percent(taught['held']['taught']['other_accepted_share'])} | "
+                 f"{percent(loso_without)} | {percent(loso_all)} |")
     pets_val_base, pets_val = base["held"]["validation_refused_share"], taught["held"]["taught"]["validation_refused_share"]
     pets_orig_base, pets_orig = base["not_pets"]["validation_refused_share"], taught["not_pets"]["taught"]["validation_refused_share"]
     not_pets_base, not_pets = base["not_pets"]["other_accepted_share"], taught["not_pets"]["taught"]["other_accepted_share"]
@@ -261,14 +275,16 @@ def markdown(results: dict) -> str:
     summary = taught.get("neither_summary") or {}
     if summary:
         held = summary.get("held_out", {})
-        lines += ["", f"The taught run's log: {summary['photos']} examples, margin {summary['margin']:.4f}, k={summary['k']}; "
+        lines += ["", f"The taught run's log: {summary['photos']} examples, head threshold {summary['threshold']:.4f}, bank "
+                  f"margin {summary['margin']:.4f} (k={summary['k']}); "
                   f"its training-time estimate on a held-out fifth of the examples: {percent(held.get('refused_share'))} refused "
                   f"({percent(held.get('refused_without_taught_share'))} by the automatic score alone)."]
     check = results.get("file_vs_evaluate", {})
     if check:
         lines += ["", f"`catdog predict --model` (the taught run's model.onnx alone) on the held halves accepts "
                   f"{percent(check['file_accepted_share'])}, evaluate through the feature cache {percent(check['evaluate_accepted_share'])}; "
-                  "refused by: " + ", ".join(f"{why or 'accepted'} {count}" for why, count in sorted(check["file_refused_by"].items())) + "."]
+                  "its `refused_by` column: " + ", ".join(f"{count} {why or 'empty (accepted)'}" for why, count in sorted(check["file_refused_by"].items()))
+                  + " (the taught reason is given whenever the examples refuse a photo, also where the score would have)."]
     return "\n".join(lines) + "\n"
 
 
