@@ -99,6 +99,21 @@ def predict_rate(model: Path, folder: Path, output: Path) -> tuple[float, list[d
         return (float(match.group(1)) if match else float("nan")), list(csv.DictReader(handle))
 
 
+def file_vs_evaluate(work: Path) -> dict:
+    """`catdog predict --model` (the taught run's file alone) against evaluate's ood_predictions.csv (through the
+    feature cache, float16) on the held halves: shares accepted, photos decided alike, largest score differences."""
+    rows = {Path(r["path"]).name: r for r in csv.DictReader((work / "predict-taught-held.csv").open())}
+    cached = {Path(r["path"]).name: r for r in csv.DictReader((work / "taught" / "evaluation-near-held" / "ood_predictions.csv").open())}
+    alike = sum(rows[name]["in_distribution"] == cached[name]["in_distribution"]
+                and rows[name]["refused_by"] == cached[name]["refused_by"] for name in rows if name in cached)
+    return {"file_accepted_share": sum(r["in_distribution"] == "true" for r in rows.values()) / len(rows),
+            "evaluate_accepted_share": sum(r["in_distribution"] == "true" for r in cached.values()) / len(cached),
+            "photos": len(rows), "decided_alike": alike,
+            "ood_score_difference": max(abs(float(rows[n]["ood_score"]) - float(cached[n]["ood_score"])) for n in rows if n in cached),
+            "neither_score_difference": max(abs(float(rows[n]["neither_score"]) - float(cached[n]["neither_score"])) for n in rows if n in cached),
+            "file_refused_by": {why: sum(r["refused_by"] == why for r in rows.values()) for why in {r["refused_by"] for r in rows.values()}}}
+
+
 def inference_milliseconds(models: dict[str, Path], folder: Path, rounds: int, photos: int = 48) -> dict:
     """The network alone, in process: `Predictor.score_batch` one photo at a time on the same decoded photos, the
     files alternated; the best round's milliseconds per photo for each."""
@@ -132,7 +147,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="predict speed: rounds of each file on each folder")
     parser.add_argument("--skip-loso", action="store_true", help="leave the leave-one-species-out runs out")
     parser.add_argument("--markdown", default="", help="also write the section to this file")
+    parser.add_argument("--report-only", action="store_true", help="print the section from --work's neither.json")
     arguments = parser.parse_args()
+    if arguments.report_only:
+        results = json.loads((Path(arguments.work) / "neither.json").read_text())
+        results["file_vs_evaluate"] = file_vs_evaluate(Path(arguments.work))
+        section = markdown(results)
+        print(section)
+        if arguments.markdown:
+            Path(arguments.markdown).write_text(section)
+        return
     require_shared_data()
     work = Path(arguments.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -196,12 +220,8 @@ def main() -> None:
     results["inference_ms"] = inference_milliseconds(models, val_folder, arguments.rounds)
     print(f"inference alone: {results['inference_ms']}", flush=True)
     # The exported file alone decides as evaluate did (through the cache) on the held halves.
-    _, rows = predict_rate(models["taught"], held_root, work / "predict-taught-held.csv")
-    file_accepted = sum(row["in_distribution"] == "true" for row in rows) / len(rows)
-    by_cache = list(csv.DictReader((work / "taught" / "evaluation-near-held" / "ood_predictions.csv").open()))
-    results["file_vs_evaluate"] = {"file_accepted_share": file_accepted,
-                                   "evaluate_accepted_share": sum(r["in_distribution"] == "true" for r in by_cache) / len(by_cache),
-                                   "file_refused_by": {why: sum(r["refused_by"] == why for r in rows) for why in {r["refused_by"] for r in rows}}}
+    predict_rate(models["taught"], held_root, work / "predict-taught-held.csv")
+    results["file_vs_evaluate"] = file_vs_evaluate(work)
     results["seconds"] = time.perf_counter() - started
     (work / "neither.json").write_text(json.dumps(results, indent=2))
     section = markdown(results)
@@ -227,7 +247,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | {count['taught']} / {count['held']} | {percent(base['held']['groups'][name]['accepted_share'])} | "
                      f"{percent(taught['held']['taught']['groups'][name]['accepted_share'])} | "
                      f"{percent(loso.get(name, {}).get('accepted_without_taught_share'))} | {percent(loso.get(name, {}).get('accepted_share'))} |")
-    lines.append(f"| all | | {percent(base['held']['other_accepted_share'])} | {percent(taught['held']['taught']['other_accepted_share'])} | | |")
+    loso_all = loso_without = None
+    if loso:  # every photo of every species, each measured by the run that was never shown its species
+        photos = {name: results["species"][name]["photos"] for name in loso}
+        loso_all = sum(loso[name]["accepted_share"] * photos[name] for name in loso) / sum(photos.values())
+        loso_without = sum(loso[name]["accepted_without_taught_share"] * photos[name] for name in loso) / sum(photos.values())
+    lines.append(f"| all | {sum(c['taught'] for c in results['species'].values())} / {sum(c['held'] for c in results['species'].values())} | "
+                 f"{percent(base['held']['other_accepted_share'])} | {percent(taught['held']['taught']['other_accepted_share'])} | "
+                 f"{percent(loso_without)} | {percent(loso_all)} |")
     pets_val_base, pets_val = base["held"]["validation_refused_share"], taught["held"]["taught"]["validation_refused_share"]
     pets_orig_base, pets_orig = base["not_pets"]["validation_refused_share"], taught["not_pets"]["taught"]["validation_refused_share"]
     not_pets_base, not_pets = base["not_pets"]["other_accepted_share"], taught["not_pets"]["taught"]["other_accepted_share"]
@@ -261,14 +288,19 @@ def markdown(results: dict) -> str:
     summary = taught.get("neither_summary") or {}
     if summary:
         held = summary.get("held_out", {})
-        lines += ["", f"The taught run's log: {summary['photos']} examples, margin {summary['margin']:.4f}, k={summary['k']}; "
+        lines += ["", f"The taught run's log: {summary['photos']} examples, head threshold {summary['threshold']:.4f}, bank "
+                  f"margin {summary['margin']:.4f} (k={summary['k']}); "
                   f"its training-time estimate on a held-out fifth of the examples: {percent(held.get('refused_share'))} refused "
                   f"({percent(held.get('refused_without_taught_share'))} by the automatic score alone)."]
     check = results.get("file_vs_evaluate", {})
     if check:
         lines += ["", f"`catdog predict --model` (the taught run's model.onnx alone) on the held halves accepts "
                   f"{percent(check['file_accepted_share'])}, evaluate through the feature cache {percent(check['evaluate_accepted_share'])}; "
-                  "refused by: " + ", ".join(f"{why or 'accepted'} {count}" for why, count in sorted(check["file_refused_by"].items())) + "."]
+                  + (f"{check['decided_alike']} of {check['photos']} photos decided alike, with the same reason (scores within "
+                     f"{check['ood_score_difference']:.1e}, the head's within {check['neither_score_difference']:.1e}: the cache "
+                     "keeps features in float16); " if "decided_alike" in check else "")
+                  + "its `refused_by` column: " + ", ".join(f"{count} {why or 'empty (accepted)'}" for why, count in sorted(check["file_refused_by"].items()))
+                  + " (the taught reason is given whenever the examples refuse a photo, also where the score would have)."]
     return "\n".join(lines) + "\n"
 
 

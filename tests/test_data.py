@@ -195,3 +195,13 @@ def test_one_source_is_read_exactly_as_before(tmp_path):
     images, report = discover_sources([kaggle])
     plain = discover(kaggle)
     assert images.paths == plain.paths and images.root == plain.root and len(images) == 7 and not report.duplicates
+
+
+def test_kaggle_names_and_a_manifest_merge(tmp_path):
+    kaggle = make_kaggle_folder(tmp_path / "train", per_class=3)
+    later_photos(tmp_path / "new", [("x.jpg", 0), ("y.jpg", 1)])
+    (tmp_path / "new" / "z.jpg").write_bytes((kaggle / "dog.2.jpg").read_bytes())
+    (tmp_path / "new" / "m.csv").write_text("path,label\nx.jpg,cat\ny.jpg,dog\nz.jpg,dog\n")
+    images, report = discover_sources([kaggle, tmp_path / "new" / "m.csv"])
+    assert images.layout == "kaggle+csv" and images.class_counts() == {"cat": 4, "dog": 4}
+    assert len(report.duplicates) == 1 and report.label_conflicts == 0 and report.duplicates[0][0].endswith("new/z.jpg")
